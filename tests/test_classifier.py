@@ -481,6 +481,45 @@ def llm_classifier_config() -> dict[str, object]:
     return config
 
 
+class TestAnOverriddenHintIsExplained:
+    """With ``override_hint: true`` the classifier's label replaces the request's task_hint, and
+    the decision says so (the hint vanished from its reasons, as if none was sent)."""
+
+    async def test_the_local_classifier_says_which_hint_its_label_overrode(self) -> None:
+        """Hint code_generation on a geography question: the local label simple_qa routes it to
+        gpt-4o-mini, and the classifier's reason names the hint it overrode."""
+        config = default_config()
+        config["routing"]["stages"][0]["override_hint"] = True  # type: ignore[index]
+        async with Server(settings_from(config), port=0) as server, RouterClient(server.target) as client:
+            decision = await client.route(
+                user_chat("What is the capital of France?"), pb.RoutingContext(task_hint="code_generation")
+            )
+        assert (decision.model, decision.task) == ("gpt-4o-mini", "simple_qa")
+        assert decision.reasons[0] == (
+            "classifier: local model labelled the task 'simple_qa' (confidence 1.00);"
+            " overriding task 'code_generation' from hint"
+        )
+
+    async def test_the_llm_classifier_says_which_hint_its_label_overrode(self, fake: FakeProvider) -> None:
+        """The llm method's label replacing hint code_generation: its reason ends naming the hint;
+        a label equal to the hint overrides nothing and says nothing of it."""
+        config = llm_classifier_config()
+        config["routing"]["stages"][0]["override_hint"] = True  # type: ignore[index]
+        fake.enqueue(Script(text='{"task": "simple_qa", "complexity": "low"}'))
+        fake.enqueue(Script(text='{"task": "code_generation", "complexity": "high"}'))
+        hinted = pb.RoutingContext(task_hint="code_generation")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            overridden = await client.route(user_chat("What is the capital of France?"), hinted)
+            agreed = await client.route(user_chat("Write a Python function that merges two lists"), hinted)
+        assert (overridden.task, agreed.task) == ("simple_qa", "code_generation")
+        assert overridden.reasons[0].startswith("classifier: gpt-4o-mini labelled the task 'simple_qa'")
+        assert overridden.reasons[0].endswith("; overriding task 'code_generation' from hint")
+        assert "overriding" not in agreed.reasons[0]
+
+
 class TestTheLLMClassifierIsPaidFor:
     """A provider call made to decide is the request's to pay: in the ledger, in Complete's cost
     and attempts, and in the tenant's budget (over a real server and the fake provider)."""

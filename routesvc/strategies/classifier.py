@@ -232,6 +232,15 @@ def task_left(routing_input: RoutingInput) -> str:
     return "task left unknown"
 
 
+def overriding(routing_input: RoutingInput, label: str) -> str:
+    """What a classifier stage's reason adds when its ``label`` replaces (``override_hint``)
+    another task the hint or an earlier stage set: "; overriding task 'X' from hint"; "" when
+    there was none or it is the same."""
+    if not routing_input.task or not label or label == routing_input.task:
+        return ""
+    return f"; overriding task {routing_input.task!r} from {routing_input.task_source}"
+
+
 def with_reason(verdict: Verdict, reason: str, task: str) -> Verdict:
     """``verdict`` with a classifier stage's ``reason`` first, and ``task`` (its label) when the
     stages after it set none."""
@@ -278,6 +287,7 @@ class LocalClassifierStage:
         verdict = await next_stage(annotated)
         reason = (
             f"classifier: local model labelled the task {prediction.task!r} (confidence {prediction.confidence:.2f})"
+            f"{overriding(routing_input, prediction.task)}"
         )
         return with_reason(verdict, reason, prediction.task)
 

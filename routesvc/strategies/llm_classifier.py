@@ -45,6 +45,7 @@ from routesvc.strategies.classifier import (
     TASK_LABELS,
     ClassifierStageConfig,
     TaskClassifier,
+    overriding,
     task_classifier,
     task_left,
     with_reason,
@@ -465,6 +466,8 @@ class LLMClassifierStage:
         )
         if not task:
             reason = f"{reason}; {task_left(routing_input)}"
+        else:
+            reason += overriding(routing_input, task)
         annotated = (
             dataclasses.replace(routing_input, task=task, task_source=self.name, complexity=complexity)
             if task
