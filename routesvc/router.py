@@ -966,11 +966,16 @@ class Router:
                     raise no_eligible_model(
                         replace(routing_input, eligible=MappingProxyType({pinned.id: eligible[pinned.id]}))
                     )
+                # A pinned model skips the policy, its rules included: the request's own realtime
+                # flag sets the mode.
+                pinned_reasons = [f"model {pinned.id} pinned by the request"]
+                if not request.context.realtime:
+                    pinned_reasons.append("realtime=false: mode batch (a pinned model skips the policy's rules)")
                 verdict = Verdict(
                     model=pinned.id,
                     strategy="pinned",
                     rule="model",
-                    reasons=(f"model {pinned.id} pinned by the request",),
+                    reasons=tuple(pinned_reasons),
                     mode=Mode.REALTIME if request.context.realtime else Mode.BATCH,
                     task=routing_input.task,
                 )
@@ -994,6 +999,9 @@ class Router:
             excluded = [f"{model_id} excluded: {why}" for model_id, why in eligible.items() if why]
             reasons.extend(excluded)
             mode = verdict.mode
+            if pinned is None and not request.context.realtime and mode is Mode.REALTIME and not verdict.mode_rule:
+                # Unpinned, realtime=false batches only through a rule that sets mode batch.
+                reasons.append("realtime=false, but no matching rule sets mode batch: served in realtime")
             realtime_instead = self._realtime_instead_of_batch(model.provider) if mode is Mode.BATCH else ""
             if realtime_instead:
                 # Served in realtime, so estimated, capped by max_cost_usd and admitted at that price.

@@ -195,6 +195,48 @@ class TestModes:
         assert "mode batch from rule deferrable" in coded.reasons
 
 
+def _without_deferrable() -> dict[str, object]:
+    """The default policy without its one batch rule (deferrable)."""
+    config = default_config()
+    stage = config["routing"]["stages"][1]  # type: ignore[index]
+    stage["rules"] = [rule for rule in stage["rules"] if rule["name"] != "deferrable"]
+    return config
+
+
+class TestRealtimeFalse:
+    """realtime=false batches an unpinned request only through a rule that sets mode batch; a
+    pinned model skips the rules, so there the flag alone batches. Either way the reasons say why."""
+
+    async def test_a_pinned_model_with_realtime_false_is_batched_and_says_why(self) -> None:
+        """Pinned and realtime=false, under a policy with no batch rule: batch, at the batch price,
+        the reasons saying it is the flag on a pinned model (they said only "pinned")."""
+        settings = settings_from(_without_deferrable())
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            pinned = await _route(client, realtime=False, model="gpt-4o-mini")
+        assert (pinned.mode, pinned.strategy) == (pb.MODE_BATCH, "pinned")
+        assert pinned.reasons[:2] == [
+            "model gpt-4o-mini pinned by the request",
+            "realtime=false: mode batch (a pinned model skips the policy's rules)",
+        ]
+
+    async def test_an_unpinned_request_with_realtime_false_and_no_batch_rule_says_it_is_served_in_realtime(
+        self,
+    ) -> None:
+        """The same request unpinned: no rule sets batch, so it is served in realtime, and the
+        reasons say why (they said only "no rule matched")."""
+        settings = settings_from(_without_deferrable())
+        async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+            routed = await _route(client, realtime=False)
+        assert (routed.mode, routed.model) == (pb.MODE_REALTIME, "gpt-4o-mini")
+        assert "realtime=false, but no matching rule sets mode batch: served in realtime" in routed.reasons
+
+    async def test_a_batch_rule_says_nothing_more(self, client: RouterClient) -> None:
+        """With the default policy's deferrable rule the reasons name it, and nothing else is said."""
+        routed = await _route(client, realtime=False)
+        assert routed.mode == pb.MODE_BATCH
+        assert not any(reason.startswith("realtime=false") for reason in routed.reasons)
+
+
 @pytest.fixture
 async def custom_client(request: pytest.FixtureRequest) -> AsyncIterator[RouterClient]:
     config, environ = request.param

@@ -80,6 +80,9 @@ class Verdict:
     reasons: tuple[str, ...]
     mode: Mode = Mode.REALTIME
     task: str = ""
+    # The rule ``mode`` came from; "" when no rule set it (the request's realtime flag does not
+    # batch an unpinned request by itself: the decision says so).
+    mode_rule: str = ""
 
 
 class NextStage(Protocol):

@@ -145,10 +145,12 @@ class RulesStrategy:
                 reasons=tuple(reasons),
                 mode=mode or Mode.REALTIME,
                 task=routing_input.task,
+                mode_rule=mode_rule.name if mode_rule is not None else "",
             )
         verdict = await next_stage(routing_input)
         return replace(
             verdict,
             reasons=(*reasons, *verdict.reasons) if reasons else ("no rule matched", *verdict.reasons),
             mode=mode or verdict.mode,
+            mode_rule=mode_rule.name if mode_rule is not None else verdict.mode_rule,
         )
