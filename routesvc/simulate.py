@@ -1,11 +1,14 @@
 """What-if simulation: route every prompt of a JSONL file through the configured policy, offline.
 
-No provider is called. Each line needs a ``prompt`` string; ``tenant``, ``user_tier`` and
-``task_hint`` are used as the routing context when present, so a line looks like what a client
-would send. The routing-outcomes format (``../shared/data/routing``) qualifies: its ``outcomes``
-(model -> score in [0, 1]) give the quality kept when the file scored both the chosen model and
-the baseline. Dataset model names rarely equal catalog ids, so ``model_map`` maps catalog ids to
-the file's names (``gpt-4o-mini=gpt-3.5-turbo-1106``); unmapped ids are looked up as they are.
+No provider is called, so a policy with a classifier stage of method llm (whose labels are a
+model's answers) is refused at the start, naming the stage. Each line needs a ``prompt``
+string; ``tenant``, ``user_tier`` and ``task_hint`` are used as the routing context when
+present, so a line looks like what a client would send (a ``tenant``'s configured ``user_tier``
+applies as the service applies it). The routing-outcomes format (``../shared/data/routing``)
+qualifies: its ``outcomes`` (model -> score in [0, 1]) give the quality kept when the file scored
+both the chosen model and the baseline. Dataset model names rarely equal catalog ids, so
+``model_map`` maps catalog ids to the file's names (``gpt-4o-mini=gpt-3.5-turbo-1106``); unmapped
+ids are looked up as they are.
 
 Costs are estimates, exactly as ``Route`` reports them: estimated input tokens of the prompt and
 the configured ``default_output_tokens`` (or the line's ``max_output_tokens``), at catalog
@@ -25,10 +28,11 @@ from pathlib import Path
 from routesvc import wire
 from routesvc.config import Settings
 from routesvc.cost import estimated_cost, format_usd
-from routesvc.errors import RouteSvcError
+from routesvc.errors import ConfigError, RouteSvcError
 from routesvc.jsonlines import JsonLineError, json_lines
 from routesvc.outcomes import OutcomeDataError, model_numbers
 from routesvc.router import Router, with_tenant_defaults
+from routesvc.strategies.classifier import ClassifierStageConfig
 from routesvc.strategies.embedding import EmbeddingStageConfig
 from routesvc.v1 import router_pb2 as pb
 
@@ -215,6 +219,20 @@ def _without_feedback(settings: Settings) -> Settings:
     return dataclasses.replace(settings, config=config)
 
 
+def _refuse_provider_stages(settings: Settings) -> None:
+    """Raise ``ConfigError`` naming the first stage that labels requests by calling a provider
+    (a classifier stage with method llm): the simulation calls none, and the model's labels, which
+    route the live requests, cannot be predicted offline (its local fallback labels only the
+    requests the model fails to)."""
+    for index, stage in enumerate(settings.config.routing.stages):
+        if isinstance(stage, ClassifierStageConfig) and stage.method == "llm":
+            raise ConfigError(
+                f"{settings.source}: routing.stages[{index}].method: simulate calls no provider, so it cannot"
+                " run a classifier stage with method llm (its labels are the model's answers); simulate"
+                " with method local in that stage"
+            )
+
+
 async def simulate(
     settings: Settings, prompts: Iterable[SimulatedPrompt], model_map: Mapping[str, str] | None = None
 ) -> SimulationReport:
@@ -223,6 +241,7 @@ async def simulate(
     No feedback store is opened: the simulation neither writes its decisions into the live one
     nor uses the feedback the live service has learned from.
     """
+    _refuse_provider_stages(settings)
     baseline = settings.catalog.get(settings.telemetry.baseline_model)
     mapping = dict(model_map or {})
     for catalog_id in mapping:

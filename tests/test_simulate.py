@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from decimal import Decimal
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from routesvc.client import RouterClient
 from routesvc.feedback import FeedbackStore
@@ -305,3 +307,24 @@ class TestSimulateCommand:
         )  # fmt: skip
         assert (result.returncode, result.stderr.count("\n")) == (2, 1)
         assert "none.jsonl: cannot read" in result.stderr
+
+    def test_a_policy_with_an_llm_classifier_is_refused_naming_the_limit(self, tmp_path: Path) -> None:
+        """simulate calls no provider, so a classifier stage with method llm, whose labels are a
+        model's answers, cannot be simulated: one line naming the stage and the limit, exit 2, with
+        the provider's key set (it said the provider "has no credentials" and to set its key)."""
+        config = default_config()
+        config["routing"]["stages"][0] = {"kind": "classifier", "method": "llm", "model": "gpt-4o-mini"}  # type: ignore[index]
+        config_path = tmp_path / "llm.yaml"
+        config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        data = _write(tmp_path / "p.jsonl", [{"prompt": "Write a Python function that sorts a list"}])
+        environ = {**os.environ, "OPENAI_API_KEY": "test-key", "ANTHROPIC_API_KEY": "test-key"}
+        result = subprocess.run(
+            [sys.executable, "-m", "routesvc", "simulate", "--data", str(data), "--config", str(config_path)],
+            cwd=REPO, capture_output=True, text=True, timeout=120, check=False, env=environ,
+        )  # fmt: skip
+        assert (result.returncode, result.stdout) == (2, "")
+        assert result.stderr == (
+            f"error: {config_path}: routing.stages[0].method: simulate calls no provider, so it cannot run a"
+            " classifier stage with method llm (its labels are the model's answers); simulate with method local"
+            " in that stage\n"
+        )
