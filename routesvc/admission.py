@@ -203,8 +203,9 @@ def check_fits_token_rate(tenant: str, limits: TenantConfig, tokens: int) -> Non
     tenant's tokens per minute: waiting would never admit it."""
     if limits.tokens_per_minute is not None and tokens > limits.tokens_per_minute:
         raise RequestTooLarge(
-            f"the request is estimated at {tokens} tokens (input plus max output), more than tenant"
-            f" {quoted_id(tenant)}'s {limits.tokens_per_minute} tokens per minute; lower chat.max_output_tokens"
+            f"the request is estimated at {tokens} tokens (input as its model bills it, images included,"
+            f" plus max output), more than tenant {quoted_id(tenant)}'s {limits.tokens_per_minute} tokens per"
+            " minute; lower chat.max_output_tokens or send less input"
         )
 
 
