@@ -8,6 +8,8 @@ file: each provider names the environment variable or file that holds its key.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import re
 import unicodedata
@@ -886,6 +888,12 @@ class Settings:
     telemetry: TelemetrySettings
     batch_store_path: Path = Path("batches.db")
     redis_url: str | None = None
+    # What these settings were parsed from, for the hot-reload watcher to start from, so that a
+    # change made while the server starts (after the parse, before the watcher's first look) is
+    # applied at its first poll: the SHA-256 of the config file's bytes (None: not parsed from a
+    # file), and of each file of ``files_reread`` as read while parsing (None: not readable).
+    text_sha256: str | None = None
+    files_sha256: tuple[tuple[Path, str | None], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -1178,7 +1186,30 @@ def _checked_base_url(url: str, where: str, source: str) -> str:
     return url
 
 
-def _resolve_provider(name: str, provider: ProviderConfig, environ: Mapping[str, str], source: str) -> ProviderSettings:
+def files_reread(config: Config) -> tuple[Path, ...]:
+    """The files other than the config file that a hot reload reads again: the tenants' API keys
+    files and the providers' key files (TLS files are read only at start)."""
+    tenants = [tenant.api_keys_file for tenant in config.tenants.values() if tenant.api_keys_file is not None]
+    providers = [provider.api_key_file for provider in config.providers.values() if provider.api_key_file is not None]
+    return tuple(dict.fromkeys([*tenants, *providers]))
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def sha256_of(content: bytes | None) -> str | None:
+    """The hex SHA-256 of ``content``; None for a file that could not be read."""
+    return None if content is None else hashlib.sha256(content).hexdigest()
+
+
+def _resolve_provider(
+    name: str, provider: ProviderConfig, environ: Mapping[str, str], source: str, key_file: bytes | None
+) -> ProviderSettings:
+    """``key_file``: what ``provider.api_key_file`` held when read (None: not readable)."""
     key_env = provider.api_key_env if provider.api_key_env is not None else _DEFAULT_KEY_ENV[provider.kind]
     url_env = _DEFAULT_BASE_URL_ENV[provider.kind]
     base_url = provider.base_url or (environ.get(url_env) if url_env else None) or None
@@ -1187,12 +1218,11 @@ def _resolve_provider(name: str, provider: ProviderConfig, environ: Mapping[str,
         base_url = _checked_base_url(base_url, where, source)
     api_key: str | None = None
     from_file = False
-    if provider.api_key_file is not None:
-        try:
-            api_key = provider.api_key_file.read_text(encoding="utf-8").strip() or None
-            from_file = api_key is not None
-        except OSError:
-            api_key = None
+    if key_file is not None:
+        # Bytes that are not UTF-8 become U+FFFD, which no header carries: the key is unusable
+        # (it raised UnicodeDecodeError, a traceback at start).
+        api_key = key_file.decode("utf-8", errors="replace").strip() or None
+        from_file = api_key is not None
     if api_key is None and key_env:
         # Stripped as the file is: a secret made with `kubectl create secret --from-file` ends in
         # a newline, which no HTTP header can carry.
@@ -1409,7 +1439,23 @@ def parse_config(text: str, source: str, environ: Mapping[str, str] | None = Non
             # Whole-config checks (references between sections) name their own field path.
             problems.append(f"{_field_path(_without_union_tags(location))}: {message}" if location else message)
         raise ConfigError(f"{source}: " + "; ".join(problems)) from exc
-    providers = {name: _resolve_provider(name, provider, env, source) for name, provider in config.providers.items()}
+    # Each provider's key file is read once here, and fingerprinted as read (see Settings.files_sha256).
+    key_files = {
+        provider.api_key_file: _read_bytes(provider.api_key_file)
+        for provider in config.providers.values()
+        if provider.api_key_file is not None
+    }
+    providers = {
+        name: _resolve_provider(
+            name, provider, env, source, None if provider.api_key_file is None else key_files[provider.api_key_file]
+        )
+        for name, provider in config.providers.items()
+    }
+    # The tenants' keys files are read when the router is built, after this: one changed in
+    # between differs from its digest here, so the watcher's first poll reads it again.
+    files_sha256 = tuple(
+        (path, sha256_of(key_files[path] if path in key_files else _read_bytes(path))) for path in files_reread(config)
+    )
     catalog = _catalog(config)
     telemetry = _resolve_telemetry(config, catalog, source, env)
     return Settings(
@@ -1420,7 +1466,17 @@ def parse_config(text: str, source: str, environ: Mapping[str, str] | None = Non
         telemetry=telemetry,
         batch_store_path=config.batch.store_path or _data_dir(env) / "batches.db",
         redis_url=_checked_redis_url(config, env, source),
+        files_sha256=files_sha256,
     )
+
+
+def parse_config_file(data: bytes, source: str, environ: Mapping[str, str] | None = None) -> Settings:
+    """``parse_config`` for a config file's bytes as read (from ``source``), noting their digest."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text") from exc
+    return dataclasses.replace(parse_config(text, source, environ), text_sha256=sha256_of(data))
 
 
 def _data_dir(env: Mapping[str, str]) -> Path:
@@ -1449,12 +1505,10 @@ def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | N
     chosen = path or env.get(CONFIG_PATH_ENV)
     if chosen:
         try:
-            text = Path(chosen).read_text(encoding="utf-8")
+            data = Path(chosen).read_bytes()
         except OSError as exc:
             raise ConfigError(f"{chosen}: cannot read: {exc.strerror}") from exc
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{chosen}: not UTF-8 text") from exc
-        return parse_config(text, str(chosen), env)
+        return parse_config_file(data, str(chosen), env)
     text = resources.files("routesvc").joinpath(DEFAULT_CONFIG_NAME).read_text(encoding="utf-8")
     return parse_config(text, f"<embedded {DEFAULT_CONFIG_NAME}>", env)
 

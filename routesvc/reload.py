@@ -12,7 +12,9 @@ naming it), and otherwise after a backoff, since it may have failed on a file no
 (a classifier's examples, an embedding stage's router folder, a feedback_db locked by another
 process): the next poll, then twice as long each time, up to ``MAX_RETRY_SECONDS``. Each try
 builds the version's router (reading its model files), so a version left rejected is not rebuilt
-at every poll.
+at every poll. The watcher starts from what the serving settings were parsed from (their
+``text_sha256`` and ``files_sha256``), not from the files when it starts: a change made while the
+server was starting is applied at the first poll.
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
-from routesvc.config import Config, Settings, parse_config
-from routesvc.errors import ConfigError, RouteSvcError
+from routesvc.config import Settings, files_reread, parse_config_file, sha256_of
+from routesvc.errors import RouteSvcError
 
 log = structlog.get_logger("routesvc.reload")
 
@@ -36,12 +38,10 @@ MAX_RETRY_SECONDS = 60.0
 """The longest a rejected version waits to be tried again while nothing fingerprinted changes."""
 
 
-def _files_reread(config: Config) -> tuple[Path, ...]:
-    """The files other than the config file that a reload reads again: the tenants' API keys files
-    and the providers' key files (TLS files are read only at start)."""
-    tenants = [tenant.api_keys_file for tenant in config.tenants.values() if tenant.api_keys_file is not None]
-    providers = [provider.api_key_file for provider in config.providers.values() if provider.api_key_file is not None]
-    return tuple(dict.fromkeys([*tenants, *providers]))
+def _fingerprint(config_sha256: str, files: Iterable[tuple[Path, str | None]]) -> str:
+    """One digest of the config file's and of the named files' digests (None: not there)."""
+    named = [(str(path), digest) for path, digest in files]
+    return hashlib.sha256(json.dumps([config_sha256, named]).encode("utf-8")).hexdigest()
 
 
 def _read(path: Path) -> bytes | None:
@@ -51,18 +51,10 @@ def _read(path: Path) -> bytes | None:
         return None
 
 
-def _digest(content: bytes | None) -> str | None:
-    return None if content is None else hashlib.sha256(content).hexdigest()
-
-
 def _parsed(text: bytes, source: str) -> Settings:
     """Settings from the config file's bytes as read (not read again: what is applied is what was
     fingerprinted)."""
-    try:
-        decoded = text.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{source}: not UTF-8 text") from exc
-    return parse_config(decoded, source)
+    return parse_config_file(text, source)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +75,13 @@ class ConfigWatcher:
         interval: float,
         apply: Callable[[Settings], Awaitable[None]],
         *,
+        applied: Settings | None = None,
         outcome: Callable[[str], None] = lambda outcome: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``applied``: the settings serving, parsed from ``path``; the watcher starts from what
+        they were parsed from, so a change made since is applied at the first poll. Without them,
+        what the file holds now is taken as serving."""
         self._path = path
         self._interval = interval
         self._clock = clock
@@ -97,8 +93,16 @@ class ConfigWatcher:
         # The files the config file names, and the digest of the config file that named them.
         self._files: tuple[Path, ...] = ()
         self._files_named_by: str | None = None
-        version = self._look()
-        self._applied = version.fingerprint if version else None
+        self._applied: str | None
+        if applied is not None and applied.text_sha256 is not None:
+            # Read again here instead, a version written while the server was starting (seconds:
+            # its router was being built) was taken as serving: never parsed, never applied.
+            self._files = tuple(path for path, _ in applied.files_sha256)
+            self._files_named_by = applied.text_sha256
+            self._applied = _fingerprint(applied.text_sha256, applied.files_sha256)
+        else:
+            version = self._look()
+            self._applied = version.fingerprint if version else None
         self._rejected: str | None = None  # said once; tried again after a backoff until it changes
         self._retry_delay = 0.0  # how long the rejected version waits after its latest try
         self._retry_at = 0.0  # the clock's time of its next try
@@ -115,19 +119,18 @@ class ConfigWatcher:
         text = _read(self._path)
         if text is None:
             return None
-        config_digest = _digest(text)
+        config_digest = hashlib.sha256(text).hexdigest()
         if config_digest != self._files_named_by:
             # Which files matter changes only with the config file: parsed for them only then.
             try:
-                self._files = _files_reread(_parsed(text, str(self._path)).config)
+                self._files = files_reread(_parsed(text, str(self._path)).config)
             except Exception:
                 # Invalid (or our bug): the apply below reports it and rejects it whatever the
                 # files hold; the watcher must not die here.
                 self._files = ()
             self._files_named_by = config_digest
-        files = [(str(path), _digest(_read(path))) for path in self._files]  # None: not there (yet)
-        fingerprint = hashlib.sha256(json.dumps([config_digest, files]).encode("utf-8")).hexdigest()
-        return _Version(text, fingerprint)
+        files = [(path, sha256_of(_read(path))) for path in self._files]  # None: not there (yet)
+        return _Version(text, _fingerprint(config_digest, files))
 
     async def check(self) -> bool:
         """Look once; returns whether a new configuration was applied."""
@@ -168,7 +171,10 @@ class ConfigWatcher:
                 self._outcome("rejected")
             self._reject(version, first_try)
             return False
-        self._applied = version.fingerprint
+        # What was parsed, when a file it names changed again since this poll read it (the next
+        # poll applies that change).
+        parsed = settings.text_sha256
+        self._applied = version.fingerprint if parsed is None else _fingerprint(parsed, settings.files_sha256)
         self._rejected = None
         log.info("config_reloaded", path=str(self._path), models=len(settings.catalog))
         self._outcome("applied")

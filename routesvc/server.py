@@ -387,8 +387,13 @@ class Server:
         # Settings read from a file name it as their source; embedded or in-memory ones "<...>".
         if interval > 0 and not self._settings.source.startswith("<"):
             reloads = self.telemetry.instruments.config_reloads
+            # Started from what this server's settings were parsed from, not from the file now.
             watcher = ConfigWatcher(
-                Path(self._settings.source), interval, self.reload, outcome=lambda o: reloads.add(1, {"outcome": o})
+                Path(self._settings.source),
+                interval,
+                self.reload,
+                applied=self._settings,
+                outcome=lambda o: reloads.add(1, {"outcome": o}),
             )
             self._watcher = asyncio.get_running_loop().create_task(watcher.run(), name="config-watcher")
         loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]  # "uvloop" or "asyncio"

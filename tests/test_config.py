@@ -64,6 +64,22 @@ class TestCredentials:
         }
         assert settings_from(config).providers["openai"].api_key == "sk-from-file"
 
+    def test_a_key_file_that_is_not_utf8_leaves_the_provider_unconfigured(self, tmp_path: Path) -> None:
+        """A binary file mounted as the key (the wrong Secret key) is a key no header can carry:
+        the provider says so (reading it raised UnicodeDecodeError, a traceback at start)."""
+        (tmp_path / "key").write_bytes(b"\xff\xfesk-binary")
+        config = default_config()
+        config["providers"] = {
+            "openai": {"kind": "openai", "api_key_file": str(tmp_path / "key")},
+            "anthropic": {"kind": "anthropic"},
+        }
+        provider = settings_from(config).providers["openai"]
+        assert not provider.configured
+        assert provider.missing_key_reason == (
+            "provider 'openai': the API key in its api_key_file has spaces or control characters,"
+            " which an HTTP header cannot carry"
+        )
+
     def test_a_key_from_the_environment_is_stripped_as_a_file_key_is(self) -> None:
         """A secret made from a file ends in a newline: the key sent is without it."""
         provider = load_settings(environ={"OPENAI_API_KEY": "sk-from-secret\n"}).providers["openai"]

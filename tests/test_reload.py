@@ -527,6 +527,61 @@ class TestFilesTheConfigNames:
         assert sent == ["Bearer sk-before", "Bearer sk-rotated"]
 
 
+class TestAChangeWhileTheServerStarts:
+    """A file changed after the settings were parsed and before the server's watcher starts (the
+    seconds ``serve`` spends building the router): the watcher started from the file as it was
+    then, so the change was taken as serving, never parsed, applied nor logged."""
+
+    @staticmethod
+    def polled_config(tmp_path: Path, config: dict[str, object]) -> Path:
+        config["server"] = {"reload_interval_seconds": 0.1}
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        return path
+
+    async def test_a_config_changed_after_it_was_parsed_is_applied_at_the_first_poll(self, tmp_path: Path) -> None:
+        config = default_config()
+        config["routing"]["default_model"] = "gpt-4o-mini"  # type: ignore[index]
+        path = self.polled_config(tmp_path, config)
+        settings = load_settings(path, {})
+        config["routing"]["default_model"] = "gpt-4o"  # type: ignore[index]
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        with capture_logs() as logs:
+            async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+                models = []
+                for _ in range(40):
+                    models.append((await client.route(user_chat("hello"))).model)
+                    if models[-1] == "gpt-4o":
+                        break
+                    await asyncio.sleep(0.05)
+        assert models[0] == "gpt-4o-mini"
+        assert models[-1] == "gpt-4o"
+        assert [entry["event"] for entry in logs if entry["event"].startswith("config_")] == ["config_reloaded"]
+
+    async def test_a_provider_key_file_filled_after_the_parse_is_used_from_the_first_poll(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """The README's promise for a Secret mounted late: its key is used from the next poll on,
+        also when it lands while the server starts."""
+        key_file = tmp_path / "openai.key"
+        key_file.write_text("", encoding="utf-8")
+        config = default_config()
+        config["providers"]["openai"].update(api_key_file=str(key_file), base_url=fake.openai_base_url)  # type: ignore[index]
+        path = self.polled_config(tmp_path, config)
+        settings = load_settings(path, {})
+        assert not settings.providers["openai"].configured
+        key_file.write_text("sk-late\n", encoding="utf-8")
+        with capture_logs() as logs:
+            async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+                for _ in range(40):
+                    if any(entry["event"] == "config_reloaded" for entry in logs):
+                        break
+                    await asyncio.sleep(0.05)
+                events = [message.WhichOneof("event") async for message in client.complete(user_chat("hi"))]
+        assert events[-1] == "completion"
+        assert fake.requests[-1].headers["authorization"] == "Bearer sk-late"
+
+
 class Clock:
     """A monotonic clock the test sets by hand (seconds)."""
 
