@@ -1036,13 +1036,61 @@ TRACE_SAMPLERS = (
 sample ``sample_ratio`` of traces."""
 
 
+def _checked_otlp_endpoint(url: str, where: str, source: str) -> None:
+    """Refuse an OTLP endpoint the gRPC exporters cannot use: not an absolute http(s) URL with a
+    host, or with whitespace or an invisible character, or with credentials. With ``user:password@``
+    the exporter could not resolve the host, exported nothing, and logged the endpoint, password
+    included, at every failed export. The error names the setting or variable, never the URL."""
+    from urllib.parse import urlsplit
+
+    if any(unicodedata.category(character)[0] in "CZ" for character in url):
+        raise ConfigError(
+            f"{source}: {where}: whitespace, a control or an invisible character in the URL (a trailing"
+            " newline from a file?) (the URL is not shown)"
+        )
+    try:
+        parts = urlsplit(url)
+        usable = parts.scheme.lower() in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a port that is not a number from 0 to 65535, an unclosed [IPv6 address
+        usable = False
+    # The authority as written, with or without a scheme (``user:pw@host:4317`` too).
+    if "@" in url.partition("://")[2 if "://" in url else 0].partition("/")[0]:
+        raise ConfigError(
+            f"{source}: {where}: credentials in the URL (user:password@) are not supported: the OTLP"
+            " exporter cannot use them, and would log them; send them as headers with"
+            " $OTEL_EXPORTER_OTLP_HEADERS (the URL is not shown)"
+        )
+    if not usable:
+        raise ConfigError(
+            f"{source}: {where}: not an absolute http(s) URL with a host, such as http://HOST:4317"
+            " (the URL is not shown)"
+        )
+
+
 def _resolve_telemetry(config: Config, catalog: Catalog, source: str, env: Mapping[str, str]) -> TelemetrySettings:
     telemetry = config.telemetry
-    base_endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
-    traces_endpoint = telemetry.tracing.otlp_endpoint or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or base_endpoint
-    metrics_endpoint = (
-        telemetry.metrics.otlp_endpoint or env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or base_endpoint
+
+    def endpoint_of(configured: str | None, field: str, variable: str) -> tuple[str, str]:
+        """The signal's endpoint ("" when none is set), and where it was set."""
+        for value, where in (
+            (configured, f"telemetry.{field}.otlp_endpoint"),
+            (env.get(variable), f"${variable}"),
+            (env.get("OTEL_EXPORTER_OTLP_ENDPOINT"), "$OTEL_EXPORTER_OTLP_ENDPOINT"),
+        ):
+            if value:
+                return value, where
+        return "", ""
+
+    traces_endpoint, traces_where = endpoint_of(
+        telemetry.tracing.otlp_endpoint, "tracing", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
     )
+    metrics_endpoint, metrics_where = endpoint_of(
+        telemetry.metrics.otlp_endpoint, "metrics", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"
+    )
+    for endpoint, where in ((traces_endpoint, traces_where), (metrics_endpoint, metrics_where)):
+        if endpoint:
+            # Checked whether exported to or not: a password in it is refused all the same.
+            _checked_otlp_endpoint(endpoint, where, source)
     disabled = env.get("OTEL_SDK_DISABLED", "").lower() == "true"
 
     def exporter(configured: str | None, variable: str, endpoint: str) -> str:

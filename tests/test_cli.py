@@ -496,6 +496,19 @@ class TestServeFlagErrors:
         assert "127.0.0.1:8089" not in result.stderr + result.stdout
         assert "server_started" not in result.stderr + result.stdout
 
+    def test_credentials_in_the_otlp_endpoint_are_one_line_and_never_logged(self) -> None:
+        """``OTEL_EXPORTER_OTLP_ENDPOINT`` with user:password@: exit 2 and one line naming the
+        variable (it served, exported nothing, and the exporter logged the URL with the password at
+        every failed export)."""
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://u:canary-otlp-pw@127.0.0.1:4999"}
+        result = _run("serve", "--port", "0", timeout=30, env=env)
+        line = _one_line_error(result)
+        assert line.startswith(
+            "error: <embedded default_config.yaml>: $OTEL_EXPORTER_OTLP_ENDPOINT: credentials in the URL"
+        )
+        assert "canary-otlp-pw" not in result.stderr + result.stdout
+        assert "server_started" not in result.stderr + result.stdout
+
 
 def _fit_args(data: Path, out: Path) -> list[str]:
     return [

@@ -149,6 +149,66 @@ class TestInvalid:
         assert f"$OTEL_EXPORTER_OTLP_HEADERS: {message}" in caught.value.message
         assert "canary-otlp-key" not in caught.value.message
 
+    @pytest.mark.parametrize(
+        ("section", "environ", "where"),
+        [
+            (
+                {"tracing": {"exporter": "otlp", "otlp_endpoint": "http://u:canary-otlp-pw@collector:4317"}},
+                {},
+                "telemetry.tracing.otlp_endpoint",
+            ),
+            (
+                {"metrics": {"otlp_endpoint": "https://canary-otlp-pw@collector:4317"}},
+                {},
+                "telemetry.metrics.otlp_endpoint",
+            ),
+            (
+                {},
+                {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://u:canary-otlp-pw@collector:4317"},
+                "$OTEL_EXPORTER_OTLP_ENDPOINT",
+            ),
+            (
+                {},
+                {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://u:canary-otlp-pw@collector:4317"},
+                "$OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            ),
+            (
+                {},
+                {"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "u:canary-otlp-pw@collector:4317"},
+                "$OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+            ),
+        ],
+    )
+    def test_credentials_in_an_otlp_endpoint_fail_at_start_without_the_url(
+        self, section: dict[str, object], environ: dict[str, str], where: str
+    ) -> None:
+        """An OTLP endpoint with user:password@ (in the file or a variable) fails at start naming
+        the setting, never the URL: it started, exported nothing (the exporter cannot resolve such
+        a host) and logged the URL, password included, at every failed export."""
+        with pytest.raises(ConfigError, match="<test>: ") as caught:
+            _telemetry(section, environ)
+        assert f"{where}: credentials in the URL (user:password@) are not supported" in caught.value.message
+        assert "canary-otlp-pw" not in caught.value.message
+
+    @pytest.mark.parametrize(
+        ("environ", "message"),
+        [
+            ({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4317"}, "not an absolute http(s) URL with a host"),
+            ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://:4317"}, "not an absolute http(s) URL with a host"),
+            ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:99999"}, "not an absolute http(s) URL with a host"),
+            ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317\n"}, "whitespace, a control or an invisible"),
+        ],
+        ids=["no-scheme", "no-host", "bad-port", "trailing-newline"],
+    )
+    def test_an_otlp_endpoint_the_exporter_cannot_use_fails_at_start(
+        self, environ: dict[str, str], message: str
+    ) -> None:
+        """The endpoint must be an absolute http(s) URL with a host, as OpenTelemetry specifies."""
+        with pytest.raises(ConfigError) as caught:
+            _telemetry(environ=environ)
+        assert f"$OTEL_EXPORTER_OTLP_ENDPOINT: {message}" in caught.value.message
+        assert "collector" not in caught.value.message
+
 
 class TestPublicSurface:
     def test_the_telemetry_package_exports_exactly_its_api(self) -> None:
