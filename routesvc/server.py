@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ssl
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -108,6 +109,44 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
     return providers
 
 
+class _EncryptedKey(Exception):
+    """The key file asked for a passphrase (grpc has no way to give one)."""
+
+
+def _refuse_passphrase() -> bytes:
+    # Without a callback OpenSSL would prompt for the passphrase on the terminal.
+    raise _EncryptedKey
+
+
+def _check_tls_files(tls: TlsConfig) -> None:
+    """Refuse TLS files grpc cannot use, naming the field, never what the files hold: grpc checks
+    them only as it binds the port, whose failure was reported as the port being in use."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    certificates = [("cert_file", tls.cert_file)]
+    if tls.client_ca_file is not None:
+        certificates.append(("client_ca_file", tls.client_ca_file))
+    for field, path in certificates:
+        try:
+            context.load_verify_locations(cafile=path)
+        except ssl.SSLError:
+            # Not chained: the error is OpenSSL's, about bytes that may be a key.
+            raise ConfigError(
+                f"server.tls.{field}: {path} holds no PEM certificate (a key, or the files swapped?)"
+            ) from None
+    try:
+        context.load_cert_chain(tls.cert_file, tls.key_file, password=_refuse_passphrase)
+    except _EncryptedKey:
+        raise ConfigError(
+            f"server.tls.key_file: {tls.key_file} is protected by a passphrase, which grpc cannot use"
+        ) from None
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            problem = f"the key in {tls.key_file} does not match the certificate of server.tls.cert_file"
+        else:
+            problem = f"{tls.key_file} holds no PEM private key"
+        raise ConfigError(f"server.tls.key_file: {problem}") from None
+
+
 def _server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
     """TLS credentials; with a client CA, clients must present a certificate it signed."""
     try:
@@ -115,6 +154,7 @@ def _server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
         client_ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
     except OSError as exc:
         raise ConfigError(f"server.tls: cannot read {exc.filename}: {exc.strerror}") from exc
+    _check_tls_files(tls)
     return grpc.ssl_server_credentials(
         [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )

@@ -6,12 +6,14 @@ import copy
 import shutil
 import socket
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from structlog.testing import capture_logs
 
@@ -21,7 +23,7 @@ from routesvc.errors import ConfigError
 from routesvc.server import SERVICE_NAME, Server
 from routesvc.testing import FakeProvider
 from routesvc.v1 import router_pb2 as pb
-from tests.conftest import default_config, free_port, live_environ, settings_from, user_chat
+from tests.conftest import REPO, default_config, free_port, live_environ, process_environ, settings_from, user_chat
 from tests.test_server import health_across_drain
 
 
@@ -108,6 +110,79 @@ class TestMutualTls:
         async with _client(server, pki, "stranger", api_key="globex-key") as client:
             decision = await client.route(user_chat("hi"), pb.RoutingContext(user_tier="premium"))
         assert decision.model == "gpt-4o"
+
+
+@pytest.fixture(scope="module")
+def shared_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``make_pki`` once for the tests that only read it, with the server key also encrypted."""
+    pki = make_pki(tmp_path_factory.mktemp("pki"))
+    _openssl("pkcs8", "-topk8", "-in", "server.key", "-out", "encrypted.key", "-passout", "pass:pw", cwd=pki)
+    return pki
+
+
+class TestTlsFilesGrpcCannotUse:
+    """A TLS file that is readable but unusable fails the start naming the field (it failed as
+    grpc bound the port: "cannot listen on ... (the port is in use ...)")."""
+
+    @pytest.mark.parametrize(
+        ("files", "message"),
+        [
+            (
+                {"key_file": "stranger.key"},
+                "server.tls.key_file: the key in {pki}/stranger.key does not match the certificate of"
+                " server.tls.cert_file",
+            ),
+            (
+                {"cert_file": "server.key", "key_file": "server.pem"},
+                "server.tls.cert_file: {pki}/server.key holds no PEM certificate (a key, or the files swapped?)",
+            ),
+            (
+                {"client_ca_file": "server.ext"},
+                "server.tls.client_ca_file: {pki}/server.ext holds no PEM certificate (a key, or the files swapped?)",
+            ),
+            ({"key_file": "ca.pem"}, "server.tls.key_file: {pki}/ca.pem holds no PEM private key"),
+            (
+                {"key_file": "encrypted.key"},
+                "server.tls.key_file: {pki}/encrypted.key is protected by a passphrase, which grpc cannot use",
+            ),
+        ],
+        ids=["mismatched-key", "swapped-files", "client-ca-not-pem", "key-not-a-key", "encrypted-key"],
+    )
+    async def test_an_unusable_tls_file_is_a_config_error_naming_its_field(
+        self, shared_pki: Path, files: dict[str, str], message: str
+    ) -> None:
+        pki = shared_pki
+        config = mtls_config(pki)
+        config["server"]["tls"].update({field: str(pki / name) for field, name in files.items()})
+        with pytest.raises(ConfigError) as caught:
+            Server(settings_from(config, {}), port=0)
+        assert caught.value.message == message.format(pki=pki)
+        assert "PRIVATE KEY" not in caught.value.message
+
+    def test_serve_with_a_mismatched_key_says_so_and_not_that_the_port_is_in_use(
+        self, shared_pki: Path, tmp_path: Path
+    ) -> None:
+        """The process: one ``error:`` line naming the key file, exit 2 (it blamed the port)."""
+        pki = shared_pki
+        config = mtls_config(pki)
+        config["server"]["tls"]["key_file"] = str(pki / "stranger.key")
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        result = subprocess.run(
+            [sys.executable, "-m", "routesvc", "serve", "--config", str(path), "--port", "0"],
+            cwd=REPO,
+            env=process_environ(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 2, result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert errors == [
+            f"error: server.tls.key_file: the key in {pki}/stranger.key does not match the certificate of"
+            " server.tls.cert_file"
+        ]
 
 
 class TestClientTenantsReload:
