@@ -102,6 +102,10 @@ def _environment_variable_name(value: str) -> str:
     return value
 
 
+MAX_DURATION_SECONDS = 315_576_000_000
+"""The longest a ``google.protobuf.Duration`` holds (10,000 years)."""
+
+
 class _Strict(BaseModel):
     # No .inf or .nan anywhere: a float setting is a finite number (an infinite stats window
     # made every GetStats fail INTERNAL). The values refused are left out of pydantic's message
@@ -717,7 +721,14 @@ class TelemetryConfig(_Strict):
     baseline_model: str | None = Field(
         None, description="Model savings are measured against; default: the most expensive catalog model."
     )
-    stats_window_seconds: float = Field(3600.0, gt=0, description="How far back GetStats can look.")
+    stats_window_seconds: float = Field(
+        3600.0,
+        gt=0,
+        # GetStats answers its window as a google.protobuf.Duration, which holds at most 10,000
+        # years: a longer one (1e20 passed) made every GetStats fail INTERNAL.
+        le=MAX_DURATION_SECONDS,
+        description="How far back GetStats can look, at most 315576000000 (a protobuf Duration's 10,000 years).",
+    )
     stats_max_requests: int = Field(100_000, gt=0, description="Most requests kept in the GetStats window.")
 
 

@@ -215,6 +215,36 @@ class TestGetStats:
         assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
 
 
+class TestTheLongestWindow:
+    """telemetry.stats_window_seconds is answered as a google.protobuf.Duration: 1e20 was
+    accepted, and every GetStats then failed INTERNAL."""
+
+    async def test_the_longest_window_a_duration_holds_is_served(self, fake: FakeProvider) -> None:
+        from routesvc.client import RouterClient
+        from routesvc.server import Server
+
+        config = default_config()
+        config["telemetry"] = {"stats_window_seconds": 315_576_000_000}
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            stats = await client.get_stats()
+        assert stats.window.seconds == 315_576_000_000
+
+    @pytest.mark.parametrize("window", [315_576_000_001, 1e20, 1e300])
+    def test_a_longer_window_is_refused_at_start_naming_the_field(self, window: float) -> None:
+        from routesvc.errors import ConfigError
+
+        config = default_config()
+        config["telemetry"] = {"stats_window_seconds": window}
+        with pytest.raises(ConfigError) as caught:
+            settings_from(config)
+        assert (
+            "telemetry.stats_window_seconds: Input should be less than or equal to 315576000000" in caught.value.message
+        )
+
+
 class TestStatsCommand:
     async def test_routesvc_stats_json_reports_the_savings(self, observed: Observed, fake: FakeProvider) -> None:
         """`routesvc stats --json` prints GetStats as JSON, money as decimal strings."""
