@@ -1483,6 +1483,16 @@ def parse_config(text: str, source: str, environ: Mapping[str, str] | None = Non
         ) from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {_yaml_problem(exc)}") from exc
+    except RecursionError:
+        # PyYAML composes (and the repeated-key check walks) nodes recursively.
+        raise ConfigError(f"{source}: not valid YAML: nested too deeply") from None
+    except ValueError:
+        # Python's own conversions in PyYAML's constructor, unmarked; their message may quote
+        # the value (float() does), so it is not shown.
+        raise ConfigError(
+            f"{source}: not valid YAML: a value that cannot be read as its type (an integer of more than"
+            " 4,300 digits, a date that does not exist?)"
+        ) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping")
     try:

@@ -509,6 +509,22 @@ class TestServeFlagErrors:
         assert "canary-otlp-pw" not in result.stderr + result.stdout
         assert "server_started" not in result.stderr + result.stdout
 
+    @pytest.mark.parametrize(
+        ("tail", "problem"),
+        [
+            ("huge: 1" + "0" * 5000, "a value that cannot be read as its type (an integer of more than 4,300 digits"),
+            ("deep: " + "[" * 10000 + "]" * 10000, "nested too deeply"),
+        ],
+        ids=["integer-of-5001-digits", "nested-10000-deep"],
+    )
+    def test_yaml_python_cannot_read_is_one_line(self, tmp_path: Path, tail: str, problem: str) -> None:
+        """An integer over Python's 4,300 digits (ValueError) or lists nested 10,000 deep
+        (RecursionError): exit 2 and one line naming the file (a traceback and exit 1)."""
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(default_config()) + tail + "\n", encoding="utf-8")
+        line = _one_line_error(_run("serve", "--config", str(path), "--port", "0", timeout=30))
+        assert line.startswith(f"error: {path}: not valid YAML: {problem}")
+
 
 def _fit_args(data: Path, out: Path) -> list[str]:
     return [

@@ -527,6 +527,36 @@ class TestFilesTheConfigNames:
         assert sent == ["Bearer sk-before", "Bearer sk-rotated"]
 
 
+class TestYamlPythonCannotRead:
+    @pytest.mark.parametrize(
+        ("tail", "problem"),
+        [
+            ("huge: 1" + "0" * 5000, "a value that cannot be read as its type (an integer of more than 4,300 digits"),
+            ("deep: " + "[" * 10000 + "]" * 10000, "nested too deeply"),
+        ],
+        ids=["integer-of-5001-digits", "nested-10000-deep"],
+    )
+    async def test_a_reload_to_it_is_rejected_naming_the_file_and_the_old_config_serves(
+        self, tmp_path: Path, tail: str, problem: str
+    ) -> None:
+        """An integer over Python's 4,300 digits (ValueError) or lists nested 10,000 deep
+        (RecursionError): rejected with the file named, like any invalid YAML (it was logged as
+        our bug, config_reload_failed, with a traceback)."""
+        config = default_config()
+        path = watched_config(tmp_path, config)
+        outcomes: list[str] = []
+        async with Server(load_settings(path, {}), port=0) as server, RouterClient(server.target) as client:
+            watcher = ConfigWatcher(path, 1.0, server.reload, outcome=outcomes.append)
+            path.write_text(yaml.safe_dump(config) + tail + "\n", encoding="utf-8")
+            with capture_logs() as logs:
+                assert not await watcher.check()
+            decision = await client.route(user_chat("hello"))
+        assert [entry["event"] for entry in logs] == ["config_reload_rejected"]
+        assert str(logs[0]["error"]).startswith(f"{path}: not valid YAML: {problem}")
+        assert outcomes == ["rejected"]
+        assert decision.model == "gpt-4o-mini"
+
+
 class TestAChangeWhileTheServerStarts:
     """A file changed after the settings were parsed and before the server's watcher starts (the
     seconds ``serve`` spends building the router): the watcher started from the file as it was
