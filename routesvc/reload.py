@@ -95,8 +95,8 @@ class ConfigWatcher:
         self._files_named_by: str | None = None
         self._applied: str | None
         if applied is not None and applied.text_sha256 is not None:
-            # Read again here instead, a version written while the server was starting (seconds:
-            # its router was being built) was taken as serving: never parsed, never applied.
+            # Not the files as they are now: a version written while the server was starting
+            # (seconds: its router was being built) was taken as serving, never parsed nor applied.
             self._files = tuple(path for path, _ in applied.files_sha256)
             self._files_named_by = applied.text_sha256
             self._applied = _fingerprint(applied.text_sha256, applied.files_sha256)
