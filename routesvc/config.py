@@ -1048,10 +1048,11 @@ sample ``sample_ratio`` of traces."""
 
 
 def _checked_otlp_endpoint(url: str, where: str, source: str) -> None:
-    """Refuse an OTLP endpoint the gRPC exporters cannot use: not an absolute http(s) URL with a
-    host, or with whitespace or an invisible character, or with credentials. With ``user:password@``
-    the exporter could not resolve the host, exported nothing, and logged the endpoint, password
-    included, at every failed export. The error names the setting or variable, never the URL."""
+    """Refuse an OTLP endpoint the gRPC exporters cannot use: neither an absolute http(s) URL with a
+    host nor a bare ``HOST:PORT``, or with whitespace or an invisible character, or with
+    credentials. With ``user:password@`` the exporter could not resolve the host, exported nothing,
+    and logged the endpoint, password included, at every failed export. The error names the
+    setting or variable, never the URL."""
     from urllib.parse import urlsplit
 
     if any(unicodedata.category(character)[0] in "CZ" for character in url):
@@ -1060,8 +1061,14 @@ def _checked_otlp_endpoint(url: str, where: str, source: str) -> None:
             " newline from a file?) (the URL is not shown)"
         )
     try:
-        parts = urlsplit(url)
-        usable = parts.scheme.lower() in ("http", "https") and bool(parts.hostname) and parts.port != 0
+        if "://" in url:
+            parts = urlsplit(url)
+            usable = parts.scheme.lower() in ("http", "https") and bool(parts.hostname) and parts.port != 0
+        else:
+            # A bare ``HOST:PORT``, which the gRPC exporters take as their target (TLS unless
+            # $OTEL_EXPORTER_OTLP_INSECURE is true), as they did before endpoints were checked.
+            parts = urlsplit(f"//{url}")
+            usable = bool(parts.hostname) and parts.port not in (None, 0) and not (parts.path or parts.query)
     except ValueError:  # a port that is not a number from 0 to 65535, an unclosed [IPv6 address
         usable = False
     # The authority as written, with or without a scheme (``user:pw@host:4317`` too).
@@ -1073,7 +1080,7 @@ def _checked_otlp_endpoint(url: str, where: str, source: str) -> None:
         )
     if not usable:
         raise ConfigError(
-            f"{source}: {where}: not an absolute http(s) URL with a host, such as http://HOST:4317"
+            f"{source}: {where}: not an absolute http(s) URL with a host, such as http://HOST:4317, nor HOST:PORT"
             " (the URL is not shown)"
         )
 

@@ -193,12 +193,13 @@ class TestInvalid:
     @pytest.mark.parametrize(
         ("environ", "message"),
         [
-            ({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4317"}, "not an absolute http(s) URL with a host"),
+            ({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector"}, "not an absolute http(s) URL with a host"),
+            ({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4317/v1"}, "not an absolute http(s) URL with a host"),
             ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://:4317"}, "not an absolute http(s) URL with a host"),
             ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:99999"}, "not an absolute http(s) URL with a host"),
             ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317\n"}, "whitespace, a control or an invisible"),
         ],
-        ids=["no-scheme", "no-host", "bad-port", "trailing-newline"],
+        ids=["no-scheme-no-port", "no-scheme-with-path", "no-host", "bad-port", "trailing-newline"],
     )
     def test_an_otlp_endpoint_the_exporter_cannot_use_fails_at_start(
         self, environ: dict[str, str], message: str
@@ -208,6 +209,16 @@ class TestInvalid:
             _telemetry(environ=environ)
         assert f"$OTEL_EXPORTER_OTLP_ENDPOINT: {message}" in caught.value.message
         assert "collector" not in caught.value.message
+
+    def test_a_bare_host_and_port_stays_an_otlp_endpoint(self) -> None:
+        """`HOST:PORT` without a scheme, which the gRPC exporters take as their target (TLS unless
+        $OTEL_EXPORTER_OTLP_INSECURE is true), starts as it did before endpoints were checked."""
+        settings = _telemetry(environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4317"})
+        assert (settings.traces_exporter, settings.traces_endpoint, settings.traces_insecure) == (
+            "otlp",
+            "collector:4317",
+            False,
+        )
 
 
 class TestPublicSurface:
