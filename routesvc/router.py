@@ -27,6 +27,7 @@ from routesvc.catalog import ModelSpec
 from routesvc.config import BATCH_API_KINDS, RulesStageConfig, Settings, TenantConfig
 from routesvc.cost import (
     billed_input_of_estimate,
+    billed_input_tokens,
     cost_of_usage,
     estimated_cost,
     format_usd,
@@ -820,7 +821,36 @@ class Router:
             else:
                 why = ""
             eligible[model.id] = why
+        if uses_images:
+            self._leave_out_over_token_rate(request.context.tenant, eligible, text_tokens, images, output_tokens)
         return eligible
+
+    def _leave_out_over_token_rate(
+        self, tenant: str, eligible: dict[str, str], text_tokens: int, images: ImageEstimate, output_tokens: int
+    ) -> None:
+        """Leave out of ``eligible`` the models on which a request with images would bill more
+        than ``tenant``'s tokens per minute (its images at each model's formula and
+        ``image_token_scale``, as admission counts them), when another eligible model fits: the
+        policy then picks among those it can be admitted on, rather than choosing one that
+        admission refuses REQUEST_TOO_LARGE after an LLM classifier was paid. When none fits,
+        none is left out, and admission refuses the request as too large."""
+        config = self._settings.config.tenants.get(tenant)
+        limit = None if config is None else config.tokens_per_minute
+        if limit is None:
+            return
+        billed: dict[str, int] = {}
+        for model in self._catalog:
+            if not eligible[model.id]:
+                image_tokens = images.for_kind(model.provider_kind)
+                billed[model.id] = billed_input_tokens(model, text_tokens + image_tokens, image_tokens) + output_tokens
+        if all(tokens > limit for tokens in billed.values()):
+            return
+        for model_id, tokens in billed.items():
+            if tokens > limit:
+                eligible[model_id] = (
+                    f"bills {tokens} tokens (input, images at its image_token_scale, plus output), more than"
+                    f" tenant {quoted_id(tenant)}'s {limit} tokens per minute"
+                )
 
     async def route(
         self,

@@ -727,12 +727,12 @@ class TestImageTokenLimits:
     async def test_an_image_request_whose_billed_estimate_is_over_the_tenants_tokens_per_minute_is_too_large(
         self, fake: FakeProvider
     ) -> None:
-        """A URL image on gpt-4o-mini: 1,445 tokens by OpenAI's formula, 48,162 as the model bills
-        it (x 33.33). Under a 3,000 tokens-per-minute limit the Complete is REQUEST_TOO_LARGE before
-        any provider call (it was admitted on the unscaled ~2,000 and billed 48,180, locking the
-        tenant out for the minute)."""
+        """A URL image on gpt-4o-mini, the one model the tenant may use: 1,445 tokens by OpenAI's
+        formula, 48,162 as the model bills it (x 33.33). Under a 3,000 tokens-per-minute limit the
+        Complete is REQUEST_TOO_LARGE before any provider call (it was admitted on the unscaled
+        ~2,000 and billed 48,180, locking the tenant out for the minute)."""
         config = default_config()
-        config["tenants"] = {"t": {"tokens_per_minute": 3000}}
+        config["tenants"] = {"t": {"tokens_per_minute": 3000, "allowed_models": ["gpt-4o-mini"]}}
         chat = image_chat(url_part("https://example.com/a.png"), content=_QUESTION)
         context = pb.RoutingContext(tenant="t")
         async with (
@@ -751,13 +751,44 @@ class TestImageTokenLimits:
         assert "more than tenant 't''s 3000 tokens per minute" in (refused.value.details() or "")
         assert fake.requests == []
 
+    async def test_an_image_request_goes_to_a_model_it_fits_the_tenants_tokens_per_minute_on(
+        self, fake: FakeProvider
+    ) -> None:
+        """The same request from a tenant that may use every model, with the LLM classifier as the
+        policy's first stage: gpt-4o-mini (48,674 tokens as it bills the image) is left out for the
+        tenant's 3,000 tokens per minute, saying so, and the request is routed and answered on a
+        model it fits (gpt-4o, the image at scale 1). (The classifier was paid, the policy then
+        picked gpt-4o-mini and admission refused it REQUEST_TOO_LARGE, at every retry.)"""
+        config = default_config()
+        config["routing"]["stages"][0] = {  # type: ignore[index]
+            "kind": "classifier",
+            "method": "llm",
+            "model": "gpt-4o-mini",
+            "timeout_s": 2,
+        }
+        config["tenants"] = {"t": {"tokens_per_minute": 3000}}
+        chat = image_chat(url_part("https://example.com/a.png"), content=_QUESTION)
+        fake.enqueue(Script(text='{"task": "chat", "complexity": "low"}'), model="gpt-4o-mini")
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            messages = [m async for m in client.complete(chat, pb.RoutingContext(tenant="t"))]
+        decision, completion = messages[0].decision, messages[-1].completion
+        assert (decision.model, completion.model) == ("gpt-4o", "gpt-4o")
+        assert any(
+            "gpt-4o-mini" in reason and "more than tenant 't''s 3000 tokens per minute" in reason
+            for reason in decision.reasons
+        )
+        assert [request.model for request in fake.requests] == ["gpt-4o-mini", "gpt-4o"]
+
     async def test_a_batch_image_request_is_admitted_on_its_billed_estimate(
         self, tmp_path: Path, fake: FakeProvider
     ) -> None:
-        """The same image request with realtime false is refused REQUEST_TOO_LARGE too, and no
+        """The first test's request with realtime false is refused REQUEST_TOO_LARGE too, and no
         job is queued (a job was queued, admitted on the unscaled estimate)."""
         config = batch_config(tmp_path)
-        config["tenants"] = {"t": {"tokens_per_minute": 3000}}
+        config["tenants"] = {"t": {"tokens_per_minute": 3000, "allowed_models": ["gpt-4o-mini"]}}
         chat = image_chat(url_part("https://example.com/a.png"), content=_QUESTION)
         context = pb.RoutingContext(tenant="t", realtime=False)
         async with (
