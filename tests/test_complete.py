@@ -253,6 +253,18 @@ class TestStreaming:
         fake.enqueue(Script(finish_reason="length"))
         assert (await _collect(live_client))[-1].completion.finish_reason == pb.FINISH_REASON_LENGTH
 
+    async def test_an_empty_finish_reason_on_every_chunk_is_no_finish(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """Ollama, SGLang and KoboldCpp send ``"finish_reason": ""`` on every unfinished chunk: the
+        stream is read to its real end, however slow the model (the first gap over a second ended
+        it: the answer cut to what had come, OK, FINISH_REASON_OTHER, usage estimated)."""
+        fake.enqueue(Script(unfinished_finish_reason="", chunks=("Hello ", "slow ", "world"), chunk_delay=1.2))
+        messages = await _collect(live_client)
+        assert "".join(m.delta.text for m in messages if m.WhichOneof("event") == "delta") == "Hello slow world"
+        completion = messages[-1].completion
+        assert (completion.finish_reason, completion.usage.output_tokens) == (pb.FINISH_REASON_STOP, 3)
+
     async def test_the_client_credentials_are_not_forwarded(self, live_server: Server, fake: FakeProvider) -> None:
         """The provider sees the configured key, never the caller's authorization metadata."""
         async with RouterClient(live_server.target, api_key="client-secret-key") as client:

@@ -420,8 +420,11 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
                     if other:
                         output.append(other)
                         yield Heartbeat(other, reasoning=bool(reasoning))
-                    if choice.get("finish_reason") is not None:
-                        finish = text_field(choice["finish_reason"]) or "other"
+                    # An empty finish reason ("" on every unfinished chunk: Ollama, SGLang,
+                    # KoboldCpp) is none; any other value, even not text, is the finish.
+                    reason = choice.get("finish_reason")
+                    if reason is not None and not (isinstance(reason, str) and not reason.strip()):
+                        finish = text_field(reason).strip() or "other"
             if finish is None:
                 raise ProviderUnavailable(
                     describe(self._name, call.model, "stream ended without a finish reason"),

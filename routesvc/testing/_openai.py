@@ -104,7 +104,7 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
 
     piece_key = "message" if script.choice_message else "delta"
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+    def chunk(delta: dict[str, Any], finish: str | None = script.unfinished_finish_reason, **extra: Any) -> bytes:
         data: dict[str, Any] = {
             "id": completion_id,
             "object": "chat.completion.chunk",

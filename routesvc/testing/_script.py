@@ -152,6 +152,9 @@ class Script:
     content_parts: bool = False
     # The OpenAI format's streamed choices carry their piece under ``message``, not ``delta``.
     choice_message: bool = False
+    # The ``finish_reason`` of the OpenAI format's chunks before the last (null as OpenAI): ""
+    # as Ollama, SGLang and KoboldCpp send on every unfinished chunk.
+    unfinished_finish_reason: str | None = None
     # The Anthropic format sends the whole text in its text block's ``content_block_start`` and no
     # ``text_delta`` (a gateway re-streaming a finished message).
     text_in_start: bool = False
