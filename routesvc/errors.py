@@ -317,8 +317,8 @@ class ProviderAuthFailed(ProviderError):
 
 
 class ProviderRejected(ProviderError):
-    """The provider refused the request itself: any HTTP 4xx but 401/403 (auth), 402 (quota), 408
-    and 429 (transient): 400, 404, 405, 409, 413, 415, 422, 451, a gateway's 499 ..."""
+    """The provider refused the request itself: any HTTP 4xx but 401/403 (auth), 402 (quota), 408,
+    425, 429 and 499 (transient): 400, 404, 405, 409, 413, 415, 422, 451 ..."""
 
     reason = "PROVIDER_REJECTED"
 

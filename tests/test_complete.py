@@ -299,6 +299,8 @@ UPSTREAM_STATUS = [
     (408, grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE"),
     (413, grpc.StatusCode.FAILED_PRECONDITION, "PROVIDER_REJECTED"),
     (422, grpc.StatusCode.FAILED_PRECONDITION, "PROVIDER_REJECTED"),
+    (425, grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE"),
+    (499, grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE"),
     (429, grpc.StatusCode.RESOURCE_EXHAUSTED, "PROVIDER_RATE_LIMITED"),
     (500, grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE"),
     (502, grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE"),
@@ -329,6 +331,19 @@ class TestProviderErrors:
         assert CANARY not in details
         assert "sk-test" not in details
         assert [m.WhichOneof("event") for m in received] == ["decision"]
+
+    @pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-sonnet"])
+    @pytest.mark.parametrize("status", [425, 499])
+    async def test_a_transient_4xx_is_retried(
+        self, live_client: RouterClient, fake: FakeProvider, model: str, status: int
+    ) -> None:
+        """A 499 (Google's APIs: an operation cancelled under load) or a 425 Too Early (RFC 8470)
+        says "not now": the retry answers (it was final PROVIDER_REJECTED, no retry, no fallback)."""
+        fake.enqueue(Script(status=status), Script(text="Answered."))
+        messages = await _collect(live_client, model=model)
+        assert messages[-1].completion.finish_reason == pb.FINISH_REASON_STOP
+        assert "".join(m.delta.text for m in messages if m.WhichOneof("event") == "delta") == "Answered."
+        assert len(fake.requests) == 2
 
     async def test_rate_limits_carry_the_retry_delay(self, live_client: RouterClient, fake: FakeProvider) -> None:
         """A 429 with Retry-After: 30 (longer than we wait) answers RESOURCE_EXHAUSTED with RetryInfo of 30 s."""

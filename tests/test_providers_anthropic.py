@@ -442,7 +442,8 @@ STATUS_ERRORS = [
     (415, ProviderRejected),
     (418, ProviderRejected),
     (451, ProviderRejected),
-    (499, ProviderRejected),
+    (425, ProviderUnavailable),  # Too Early (RFC 8470): retry
+    (499, ProviderUnavailable),  # Google's APIs: an operation cancelled under load
     (429, ProviderRateLimited),
     (402, ProviderQuotaExhausted),
     (500, ProviderUnavailable),

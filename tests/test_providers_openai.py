@@ -564,7 +564,8 @@ STATUS_ERRORS = [
     (415, ProviderRejected),
     (418, ProviderRejected),
     (451, ProviderRejected),
-    (499, ProviderRejected),
+    (425, ProviderUnavailable),  # Too Early (RFC 8470): retry
+    (499, ProviderUnavailable),  # Google's APIs: an operation cancelled under load
     (429, ProviderRateLimited),
     (402, ProviderQuotaExhausted),  # a gateway's "insufficient credits" (OpenRouter)
     (500, ProviderUnavailable),
@@ -589,7 +590,7 @@ class TestErrorTranslation:
         assert f"HTTP {status}" in error.message
         assert_sanitized(error)
 
-    @pytest.mark.parametrize("status", [405, 410, 415, 418, 451, 499])
+    @pytest.mark.parametrize("status", [405, 410, 415, 418, 451])
     async def test_a_compatible_servers_other_4xx_is_a_rejection(
         self, fake: FakeProvider, compatible: OpenAIProvider, status: int
     ) -> None:

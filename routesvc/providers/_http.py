@@ -66,10 +66,13 @@ _AUTH_EVENT_TYPES = frozenset(
 )
 
 _AUTH = frozenset({401, 403})
-# The 4xx that say "not now" rather than "not this request": a request timeout and a rate limit.
-# Every other 4xx (400, 404, 405, 409, 410, 413, 415, 422, 451, a gateway's 499 ...) is the
-# provider refusing the request: final, not retried, not counted against the model's breaker.
-_TRANSIENT_4XX = frozenset({408, 429})
+# The 4xx that say "not now" rather than "not this request": a request timeout, 425 Too Early
+# (RFC 8470: retry), a rate limit, and 499, which Google's APIs (Gemini, its OpenAI-compatible
+# endpoint too) answer for an operation cancelled under load and a retry passes (our own closed
+# connection never gets an answer). Every other 4xx (400, 404, 405, 409, 410, 413, 415, 422,
+# 451 ...) is the provider refusing the request: final, not retried, not counted against the
+# model's breaker.
+_TRANSIENT_4XX = frozenset({408, 425, 429, 499})
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -368,8 +371,8 @@ def error_for_status(
     """The error for an HTTP error status; ``code`` must already be safe (see ``safe_code``).
 
     ``quota`` (see ``quota_exhausted``) quota exhausted whatever the status; else 402 (a gateway's
-    "insufficient credits", OpenRouter's) quota exhausted too, 401/403 auth, 429 rate limited, 408
-    unavailable, any other 4xx (400, 404, 405, 409, 413, 415, 422, 451, 499 ...) rejected, and
+    "insufficient credits", OpenRouter's) quota exhausted too, 401/403 auth, 429 rate limited, 408,
+    425 and 499 unavailable, any other 4xx (400, 404, 405, 409, 413, 415, 422, 451 ...) rejected, and
     everything else (5xx, 529, a 3xx or 1xx the stack did not follow) unavailable. Rate
     limited and unavailable carry ``retry_after``: the ``headers``' Retry-After (``parse_retry_after``:
     a 503 or Anthropic's 529 overloaded sends one too), or for a 429 without one the reset of its
