@@ -20,7 +20,7 @@ from routesvc import wire
 from routesvc.client import RouterClient
 from routesvc.ledger import AttemptOutcome
 from routesvc.server import Server
-from routesvc.testing import FakeProvider, FakeToolCall, Fault, Script
+from routesvc.testing import DEFAULT_TEXT, FakeProvider, FakeToolCall, Fault, Script
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
 from tests.conftest import add_local_model, default_config, live_environ, settings_from, until, user_chat
@@ -264,6 +264,29 @@ class TestStreaming:
         assert "".join(m.delta.text for m in messages if m.WhichOneof("event") == "delta") == "Hello slow world"
         completion = messages[-1].completion
         assert (completion.finish_reason, completion.usage.output_tokens) == (pb.FINISH_REASON_STOP, 3)
+
+    async def test_usage_on_every_chunk_still_waits_for_the_usage_chunk(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """A server that puts the usage so far on every chunk (vLLM's ``continuous_usage_stats``)
+        still sends the whole usage last: it is waited for as when only the last chunk has one
+        (0.1 s after the finish chunk was waited: the finish chunk's partial count was billed)."""
+        fake.enqueue(Script(continuous_usage=True, usage_delay=0.3, output_tokens=30))
+        completion = (await _collect(live_client))[-1].completion
+        assert (completion.finish_reason, completion.usage.output_tokens) == (pb.FINISH_REASON_STOP, 30)
+
+    async def test_the_wait_for_the_usage_chunk_ends_before_the_deadline(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """A whole answer whose usage chunk would come after the caller's deadline ends OK before
+        it, the usage estimated (the wait for the usage ran past the deadline: DEADLINE_EXCEEDED,
+        no Completion, though the answer had come)."""
+        fake.enqueue(Script(usage_delay=2.0, output_tokens=30))
+        messages = await _collect(live_client, timeout=1.0)
+        assert "".join(m.delta.text for m in messages if m.WhichOneof("event") == "delta") == DEFAULT_TEXT
+        completion = messages[-1].completion
+        assert completion.finish_reason == pb.FINISH_REASON_STOP
+        assert 0 < completion.usage.output_tokens != 30
 
     async def test_the_client_credentials_are_not_forwarded(self, live_server: Server, fake: FakeProvider) -> None:
         """The provider sees the configured key, never the caller's authorization metadata."""

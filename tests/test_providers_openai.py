@@ -429,6 +429,39 @@ class TestStreaming:
             }
         ]
 
+    async def test_the_unread_warning_never_logs_an_echoed_prompt_nor_fires_on_a_filtered_answer(
+        self, fake: FakeProvider, compatible: OpenAIProvider
+    ) -> None:
+        """A finish reason that echoes a word of the prompt is dropped from the warning, as every
+        code a provider sends is (it was logged); an answer the provider filtered
+        (``content_filter``, empty, output tokens billed) is not a shape left unread: no warning
+        (it warned)."""
+        echoed = CANARY_PROMPT.split()[0]
+        fake.enqueue(
+            Script(chunks=(), output_tokens=40, finish_reason=echoed),
+            Script(chunks=(), output_tokens=40, finish_reason="content_filter"),
+        )
+        with capture_logs() as logs:
+            await collect(compatible, make_call())
+            filtered = await collect(compatible, make_call())
+        assert isinstance(filtered[-1], ProviderFinish)
+        assert filtered[-1].finish_reason == FinishReason.CONTENT_FILTER
+        warned = [entry for entry in logs if entry["event"] == "provider_output_unread"]
+        assert [entry["finish_reason"] for entry in warned] == [""]
+        assert echoed not in str(logs)
+
+    async def test_a_whole_message_closing_a_stream_of_deltas_is_not_read_again(
+        self, fake: FakeProvider, compatible: OpenAIProvider
+    ) -> None:
+        """A stream of deltas whose finish chunk carries ``"delta": null`` and the whole answer
+        under ``message`` (a gateway closing the stream with the finished message) has its answer
+        once (it was doubled)."""
+        fake.enqueue(Script(whole_message_at_end=True))
+        events = await collect(compatible, make_call())
+        assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Hello from the fake provider."
+        assert isinstance(events[-1], ProviderFinish)
+        assert events[-1].finish_reason == FinishReason.STOP
+
 
 class TestRequestShape:
     async def test_openai_kind_sends_max_completion_tokens_and_asks_for_usage(

@@ -97,11 +97,16 @@ _log = structlog.get_logger("routesvc.providers")
 # After the finish reason: how long the rest of the stream (the usage chunk that
 # ``stream_options.include_usage`` makes last, then ``[DONE]`` and the body's end) is waited for,
 # rather than ``stream_idle_timeout_seconds``: a server (a proxy) that holds a finished answer's
-# body open must not turn it into a stall. Once the usage came (or was not asked for) the rest is
-# drained for as long as the Anthropic adapter drains after ``message_stop``; until then a usage
-# chunk gets a second, then the usage is estimated as when a server sends none.
+# body open must not turn it into a stall. Once the usage chunk came (the one with no choices:
+# a server that puts the usage so far on every chunk, vLLM's ``continuous_usage_stats``, still
+# sends it last) or was not asked for, the rest is drained for as long as the Anthropic adapter
+# drains after ``message_stop``; until then each next chunk gets a second, then the usage is
+# estimated as when a server sends none (or the last chunk's usage so far is taken). Neither wait
+# runs past the call's deadline, less ``_DEADLINE_MARGIN_SECONDS``: the answer is whole, so it
+# ends with an estimate rather than the deadline failing it.
 _DRAIN_SECONDS = 0.1
 _USAGE_WAIT_SECONDS = 1.0
+_DEADLINE_MARGIN_SECONDS = 0.05
 
 _FINISH_REASONS = {
     "stop": FinishReason.STOP,
@@ -262,11 +267,16 @@ def _content(value: object) -> tuple[str, str]:
     return "".join(texts), "".join(thoughts)
 
 
-def _warn_if_unread(provider: str, model: str, usage: Mapping[str, object], finish: str) -> None:
+def _warn_if_unread(
+    provider: str, model: str, usage: Mapping[str, object], finish: str, *, forbidden: Iterable[str]
+) -> None:
     """Warn (``provider_output_unread``) when a stream that gave nothing readable (no text, no
     reasoning, no tool call) reports output tokens beyond its reasoning tokens: its answer came in
-    a shape this adapter does not read, and the caller pays for an empty answer. Counts only,
-    never the answer."""
+    a shape this adapter does not read, and the caller pays for an empty answer; not when it
+    finished ``content_filter`` (the provider withheld the answer). Counts and the finish reason
+    only (dropped when it occurs in a ``forbidden`` text: a server echoing the prompt), never the answer."""
+    if finish == "content_filter":
+        return
     output_tokens = count_field(usage.get("completion_tokens")) or 0
     details = object_field(usage.get("completion_tokens_details"))
     answer_tokens = output_tokens - (count_field(details.get("reasoning_tokens")) or 0)
@@ -276,7 +286,7 @@ def _warn_if_unread(provider: str, model: str, usage: Mapping[str, object], fini
             provider=provider,
             model=model,
             output_tokens=output_tokens,
-            finish_reason=safe_code(finish),
+            finish_reason=safe_code(finish, forbidden=forbidden),
         )
 
 
@@ -388,11 +398,13 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
             output: list[str] = []
             refused = False
             tool_calls = ToolCallParts()
+            usage_chunk = False  # the usage-only chunk (no choices) came
+            deltas = False  # the stream sends ``delta``s (a ``message`` beside one is not read)
             while True:
                 if finish is None:
                     event = await self._guard(call, deadline, next_event(sdk_stream))
                 else:
-                    wait = _DRAIN_SECONDS if usage or not self._stream_usage else _USAGE_WAIT_SECONDS
+                    wait = _DRAIN_SECONDS if usage_chunk or not self._stream_usage else _USAGE_WAIT_SECONDS
                     event = await self._after_finish(call, deadline, sdk_stream, wait)
                 if event is END_OF_STREAM:
                     break
@@ -400,12 +412,16 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
                 provider_model = provider_model or text_field(chunk.get("model"))
                 usage = object_field(chunk.get("usage")) or usage
                 choices = chunk.get("choices")
+                usage_chunk = usage_chunk or (bool(object_field(chunk.get("usage"))) and not choices)
                 for choice in choices if isinstance(choices, list) else ():
                     if not isinstance(choice, dict) or choice.get("index") not in (0, None):
                         continue
-                    # A server that streams whole-message shapes puts the piece in ``message``.
+                    # A server that streams whole-message shapes puts the piece in ``message``; in
+                    # a stream of deltas a ``message`` (the whole answer, beside ``"delta": null``
+                    # at the end) repeats them.
                     piece = choice.get("delta")
-                    delta = object_field(piece if isinstance(piece, dict) else choice.get("message"))
+                    deltas = deltas or isinstance(piece, dict)
+                    delta = object_field(piece if deltas else choice.get("message"))
                     # A refusal (structured outputs) comes in its own field: it is the answer,
                     # and the answer was filtered.
                     refusal = text_field(delta.get("refusal"))
@@ -433,7 +449,7 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
                 )
             reported, estimated = self._usage(call, usage, output)
             if not output:
-                _warn_if_unread(self._name, call.model, usage, finish)
+                _warn_if_unread(self._name, call.model, usage, finish, forbidden=never_echoed(call, self._api_key))
             calls = tool_calls.calls()
             yield ProviderFinish(
                 usage=reported,
@@ -453,7 +469,12 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
         self, call: ProviderCall, deadline: float | None, sdk_stream: _EventStream, wait: float
     ) -> object:
         """The stream's next event after the finish reason, or ``END_OF_STREAM`` when none comes
-        within ``wait`` seconds (see ``_DRAIN_SECONDS``): the answer is whole, the stream ends."""
+        within ``wait`` seconds, nor before the deadline's margin (see ``_DRAIN_SECONDS``): the
+        answer is whole, the stream ends."""
+        if deadline is not None:
+            wait = min(wait, deadline - asyncio.get_running_loop().time() - _DEADLINE_MARGIN_SECONDS)
+            if wait <= 0:
+                return END_OF_STREAM
         tail = asyncio.timeout(wait)
         try:
             async with tail:

@@ -104,7 +104,11 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
 
     piece_key = "message" if script.choice_message else "delta"
 
+    text_sent = 0  # text chunks made so far, for ``continuous_usage``
+
     def chunk(delta: dict[str, Any], finish: str | None = script.unfinished_finish_reason, **extra: Any) -> bytes:
+        nonlocal text_sent
+        text_sent += bool(delta.get("content"))
         data: dict[str, Any] = {
             "id": completion_id,
             "object": "chat.completion.chunk",
@@ -116,6 +120,9 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
         }
         if include_usage:
             data["usage"] = None
+            if script.continuous_usage:
+                so_far = {"prompt_tokens": input_tokens, "completion_tokens": text_sent}
+                data["usage"] = so_far | {"total_tokens": input_tokens + text_sent}
         return sse(data)
 
     if script.content_parts:
@@ -143,7 +150,20 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
             chunk({"tool_calls": [keyed(index, {"function": {"arguments": piece}})]})
             for piece in call.argument_pieces()
         ]
-    closing = [chunk({}, finish_reason)]
+    closing: list[bytes | float] = [chunk({}, finish_reason)]
+    if script.whole_message_at_end:
+        whole = {"role": "assistant", "content": "".join(script.content_chunks())}
+        closing = [
+            sse(
+                {
+                    "object": "chat.completion.chunk",
+                    "model": model,
+                    "choices": [{"index": 0, "delta": None, "message": whole, "finish_reason": finish_reason}],
+                }
+            )
+        ]
+    if script.usage_delay:
+        closing.append(script.usage_delay)
     if include_usage:
         usage_chunk = {
             "id": completion_id,

@@ -68,11 +68,11 @@ async def stream_events(
     *,
     opening: list[bytes],
     content: Sequence[bytes],
-    closing: list[bytes],
+    closing: Sequence[bytes | float],
     faults: Mapping[Fault, bytes],
 ) -> None:
     """Stream ``opening``, each content chunk (reasoning, text, tool-call pieces: one or more events
-    each), ``closing``; inject ``script.fault`` on the way.
+    each), ``closing`` (a number in it: a pause of that many seconds); inject ``script.fault`` on the way.
 
     ``faults`` holds the API's own bytes for the faults that inject an event.
     """
@@ -122,8 +122,11 @@ async def stream_events(
         await connection.pause(script.first_chunk_delay if index == 0 else script.chunk_delay)
         await send_chunk(chunks[index])
         record.chunks_sent += 1
-    for event in closing:
-        await send_chunk(event)
+    for step in closing:
+        if isinstance(step, bytes):
+            await send_chunk(step)
+        else:
+            await connection.pause(step)
     if script.fault is Fault.HANG_AT_END:
         if script.hang_seconds is None:
             await connection.hang()

@@ -155,6 +155,15 @@ class Script:
     # The ``finish_reason`` of the OpenAI format's chunks before the last (null as OpenAI): ""
     # as Ollama, SGLang and KoboldCpp send on every unfinished chunk.
     unfinished_finish_reason: str | None = None
+    # The OpenAI format puts the usage so far on every chunk when the client asked for usage
+    # (vLLM's ``continuous_usage_stats``): the prompt tokens and the text chunks sent; the usage
+    # chunk after the finish has the whole usage.
+    continuous_usage: bool = False
+    # The OpenAI format's usage chunk (and ``[DONE]`` after it) comes this long after the finish chunk.
+    usage_delay: float = 0.0
+    # The OpenAI format's finish chunk has ``"delta": null`` and the whole answer under
+    # ``message`` (a gateway closing a stream with the finished message).
+    whole_message_at_end: bool = False
     # The Anthropic format sends the whole text in its text block's ``content_block_start`` and no
     # ``text_delta`` (a gateway re-streaming a finished message).
     text_in_start: bool = False
