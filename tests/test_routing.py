@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
 
 from routesvc.client import RouterClient
+from routesvc.encoders import HashingEncoder
+from routesvc.fitting import FitSettings, fit_router
 from routesvc.server import Server
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import default_config, settings_from, user_chat
+from tests.routing_data import STRONG, WEAK, records
 
 PLAIN = "What is the capital of France?"
 
@@ -234,6 +238,36 @@ class TestRealtimeFalse:
         """With the default policy's deferrable rule the reasons name it, and nothing else is said."""
         routed = await _route(client, realtime=False)
         assert routed.mode == pb.MODE_BATCH
+        assert not any(reason.startswith("realtime=false") for reason in routed.reasons)
+
+    async def test_a_mode_rule_after_an_embedding_stage_that_defers_is_the_one_named(self, tmp_path: Path) -> None:
+        """An embedding stage whose two models the tenant may not use defers to a rules stage in
+        which a realtime rule (chat_now) matches before the deferrable batch rule: served in
+        realtime, the reasons naming chat_now, and not also saying that no matching rule set batch
+        (the deferred decision lost which rule set its mode, so both were said)."""
+        fit_router(records(), STRONG, WEAK, HashingEncoder(128), FitSettings(alpha=1.0)).save(tmp_path / "router")
+        config = default_config()
+        embedding = {"kind": "embedding", "router": str(tmp_path / "router"), "strong_model": "gpt-4o"}
+        config["routing"] = {
+            "default_model": "claude-sonnet",
+            "stages": [
+                {**embedding, "weak_model": "gpt-4o-mini"},
+                {
+                    "kind": "rules",
+                    "rules": [
+                        {"name": "chat_now", "when": {"metadata": {"kind": "chat"}}, "mode": "realtime"},
+                        {"name": "deferrable", "when": {"realtime": False}, "mode": "batch"},
+                    ],
+                },
+            ],
+        }
+        config["tenants"] = {"t": {"allowed_models": ["claude-sonnet"]}}
+        context = pb.RoutingContext(tenant="t", realtime=False, metadata={"kind": "chat"})
+        async with Server(settings_from(config), port=0) as server, RouterClient(server.target) as client:
+            routed = await client.route(user_chat("hello"), context)
+        assert (routed.model, routed.mode) == ("claude-sonnet", pb.MODE_REALTIME)
+        assert routed.reasons[0].endswith("deferred")
+        assert any("mode realtime from rule chat_now" in reason for reason in routed.reasons)
         assert not any(reason.startswith("realtime=false") for reason in routed.reasons)
 
 

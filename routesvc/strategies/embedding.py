@@ -16,6 +16,7 @@ so one tenant's ratings cannot steer another's routing; ``shared`` pools every t
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 from typing import Literal
@@ -367,14 +368,7 @@ class EmbeddingStage:
                 )
         verdict = await next_stage(routing_input)
         reason = f"{explanation}, but neither {self._strong} nor {self._weak} can serve; deferred"
-        return Verdict(
-            model=verdict.model,
-            strategy=verdict.strategy,
-            rule=verdict.rule,
-            reasons=(reason, *verdict.reasons),
-            mode=verdict.mode,
-            task=verdict.task,
-        )
+        return dataclasses.replace(verdict, reasons=(reason, *verdict.reasons))
 
 
 def build(
