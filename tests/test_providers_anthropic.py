@@ -51,6 +51,7 @@ from routesvc.providers.anthropic import AnthropicProvider
 from routesvc.providers.base import HttpClientKind, ProviderCall
 from routesvc.testing import FakeProvider, Fault, Script
 from routesvc.tokens import count_text_tokens, estimate_input_tokens
+from tests.provider_statuses import STATUS_ERRORS
 
 CANARY_PROMPT = "canary-prompt-0b7e11 please repeat this"
 CANARY_KEY = "sk-ant-canary-key-3c5a90"
@@ -424,35 +425,6 @@ class TestRequestShape:
         fake.enqueue(Script(status=529))
         await collect_until_error(provider, make_call())
         assert len(fake.requests) == 1
-
-
-STATUS_ERRORS = [
-    (400, ProviderRejected),
-    (401, ProviderAuthFailed),
-    (403, ProviderAuthFailed),
-    (404, ProviderRejected),
-    (408, ProviderUnavailable),
-    (409, ProviderRejected),
-    (413, ProviderRejected),
-    (422, ProviderRejected),
-    # Any other 4xx is the request refused too, final (they were unavailable: retried, fallen back
-    # and counted against the breaker).
-    (405, ProviderRejected),
-    (410, ProviderRejected),
-    (415, ProviderRejected),
-    (418, ProviderRejected),
-    (451, ProviderRejected),
-    (425, ProviderUnavailable),  # Too Early (RFC 8470): retry
-    (499, ProviderUnavailable),  # Google's APIs: an operation cancelled under load
-    (429, ProviderRateLimited),
-    (402, ProviderQuotaExhausted),
-    (500, ProviderUnavailable),
-    (502, ProviderUnavailable),
-    (503, ProviderUnavailable),
-    (504, ProviderUnavailable),
-    (529, ProviderUnavailable),
-    (300, ProviderUnavailable),  # a 3xx not followed (no Location): its status, not an in-band error
-]
 
 
 class TestErrorTranslation:

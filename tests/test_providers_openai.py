@@ -50,6 +50,7 @@ from routesvc.providers.base import HttpClientKind, ProviderCall
 from routesvc.providers.openai import OpenAIProvider
 from routesvc.testing import FakeProvider, Fault, Script
 from routesvc.tokens import estimate_input_tokens
+from tests.provider_statuses import STATUS_ERRORS
 
 CANARY_PROMPT = "canary-prompt-4f9c2e please repeat this"
 CANARY_KEY = "sk-canary-key-8d1b77"
@@ -579,35 +580,6 @@ class TestMissingUsage:
         finish = (await collect(compatible, make_call()))[-1]
         assert isinstance(finish, ProviderFinish)
         assert finish.estimated is False
-
-
-STATUS_ERRORS = [
-    (400, ProviderRejected),
-    (401, ProviderAuthFailed),
-    (403, ProviderAuthFailed),
-    (404, ProviderRejected),
-    (408, ProviderUnavailable),
-    (409, ProviderRejected),
-    (413, ProviderRejected),
-    (422, ProviderRejected),
-    # Any other 4xx is the request refused too, final (they were unavailable: retried, fallen back
-    # and counted against the breaker).
-    (405, ProviderRejected),
-    (410, ProviderRejected),
-    (415, ProviderRejected),
-    (418, ProviderRejected),
-    (451, ProviderRejected),
-    (425, ProviderUnavailable),  # Too Early (RFC 8470): retry
-    (499, ProviderUnavailable),  # Google's APIs: an operation cancelled under load
-    (429, ProviderRateLimited),
-    (402, ProviderQuotaExhausted),  # a gateway's "insufficient credits" (OpenRouter)
-    (500, ProviderUnavailable),
-    (502, ProviderUnavailable),
-    (503, ProviderUnavailable),
-    (504, ProviderUnavailable),
-    (529, ProviderUnavailable),
-    (300, ProviderUnavailable),  # a 3xx not followed (no Location): its status, not an in-band error
-]
 
 
 class TestErrorTranslation:
