@@ -122,6 +122,9 @@ def _check_tls_files(tls: TlsConfig) -> None:
     """Refuse TLS files grpc cannot use, naming the field, never what the files hold: grpc checks
     them only as it binds the port, whose failure was reported as the port being in use."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # grpc (BoringSSL) has no security levels: a 1024-bit RSA key or a SHA-1-signed certificate,
+    # which OpenSSL 3's default level refuses, binds and serves there, so it is not refused here.
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
     certificates = [("cert_file", tls.cert_file)]
     if tls.client_ca_file is not None:
         certificates.append(("client_ca_file", tls.client_ca_file))
@@ -142,8 +145,10 @@ def _check_tls_files(tls: TlsConfig) -> None:
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
             problem = f"the key in {tls.key_file} does not match the certificate of server.tls.cert_file"
-        else:
+        elif exc.reason is None:
             problem = f"{tls.key_file} holds no PEM private key"
+        else:  # OpenSSL's reason code (EE_KEY_TOO_SMALL...), never what the files hold
+            problem = f"{tls.key_file} with server.tls.cert_file is refused by OpenSSL ({exc.reason})"
         raise ConfigError(f"server.tls.key_file: {problem}") from None
 
 

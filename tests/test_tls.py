@@ -159,6 +159,26 @@ class TestTlsFilesGrpcCannotUse:
         assert caught.value.message == message.format(pki=pki)
         assert "PRIVATE KEY" not in caught.value.message
 
+    async def test_a_1024_bit_server_key_grpc_serves_is_not_refused(
+        self, shared_pki: Path, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """A server certificate with a 1024-bit RSA key, which OpenSSL 3's default security level
+        refuses but grpc binds and handshakes with, starts and answers over TLS (the check refused
+        it, saying the key file held no PEM private key)."""
+        pki = shared_pki
+        _openssl("req", "-newkey", "rsa:1024", "-nodes", "-keyout", str(tmp_path / "weak.key"),
+                 "-out", str(tmp_path / "weak.csr"), "-subj", "/CN=weak", cwd=pki)  # fmt: skip
+        _openssl("x509", "-req", "-in", str(tmp_path / "weak.csr"), "-CA", "ca.pem", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", str(tmp_path / "weak.pem"), "-days", "2", "-extfile", "server.ext",
+                 cwd=pki)  # fmt: skip
+        config = default_config()
+        config["server"] = {"tls": {"cert_file": str(tmp_path / "weak.pem"), "key_file": str(tmp_path / "weak.key")}}
+        async with Server(settings_from(config, live_environ(fake)), port=0) as server:
+            credentials = tls_credentials(str(pki / "ca.pem"))
+            async with RouterClient(f"localhost:{server.port}", credentials=credentials) as client:
+                decision = await client.route(user_chat("hello"))
+        assert decision.model
+
     def test_serve_with_a_mismatched_key_says_so_and_not_that_the_port_is_in_use(
         self, shared_pki: Path, tmp_path: Path
     ) -> None:
