@@ -1048,11 +1048,12 @@ sample ``sample_ratio`` of traces."""
 
 
 def _checked_otlp_endpoint(url: str, where: str, source: str) -> None:
-    """Refuse an OTLP endpoint the gRPC exporters cannot use: neither an absolute http(s) URL with a
-    host nor a bare ``HOST:PORT``, or with whitespace or an invisible character, or with
-    credentials. With ``user:password@`` the exporter could not resolve the host, exported nothing,
-    and logged the endpoint, password included, at every failed export. The error names the
-    setting or variable, never the URL."""
+    """Refuse an OTLP endpoint with credentials (``user:password@``), whitespace or an invisible
+    character, or an http(s) URL without a host or with a bad port. With credentials the exporter
+    could not resolve the host, exported nothing, and logged the endpoint, password included, at
+    every failed export. Other forms are gRPC targets the exporters pass to grpc as they are
+    (``HOST:PORT``, ``unix:///PATH``, ``dns:///HOST:PORT``). The error names the setting or
+    variable, never the URL."""
     from urllib.parse import urlsplit
 
     if any(unicodedata.category(character)[0] in "CZ" for character in url):
@@ -1060,17 +1061,6 @@ def _checked_otlp_endpoint(url: str, where: str, source: str) -> None:
             f"{source}: {where}: whitespace, a control or an invisible character in the URL (a trailing"
             " newline from a file?) (the URL is not shown)"
         )
-    try:
-        if "://" in url:
-            parts = urlsplit(url)
-            usable = parts.scheme.lower() in ("http", "https") and bool(parts.hostname) and parts.port != 0
-        else:
-            # A bare ``HOST:PORT``, which the gRPC exporters take as their target (TLS unless
-            # $OTEL_EXPORTER_OTLP_INSECURE is true), as they did before endpoints were checked.
-            parts = urlsplit(f"//{url}")
-            usable = bool(parts.hostname) and parts.port not in (None, 0) and not (parts.path or parts.query)
-    except ValueError:  # a port that is not a number from 0 to 65535, an unclosed [IPv6 address
-        usable = False
     # The authority as written, with or without a scheme (``user:pw@host:4317`` too).
     if "@" in url.partition("://")[2 if "://" in url else 0].partition("/")[0]:
         raise ConfigError(
@@ -1078,9 +1068,16 @@ def _checked_otlp_endpoint(url: str, where: str, source: str) -> None:
             " exporter cannot use them, and would log them; send them as headers with"
             " $OTEL_EXPORTER_OTLP_HEADERS (the URL is not shown)"
         )
+    if url.partition("://")[0].lower() not in ("http", "https") or "://" not in url:
+        return
+    try:
+        parts = urlsplit(url)
+        usable = bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a port that is not a number from 0 to 65535, an unclosed [IPv6 address
+        usable = False
     if not usable:
         raise ConfigError(
-            f"{source}: {where}: not an absolute http(s) URL with a host, such as http://HOST:4317, nor HOST:PORT"
+            f"{source}: {where}: an http(s) URL without a host or with a bad port; use http://HOST:4317"
             " (the URL is not shown)"
         )
 
@@ -1105,18 +1102,18 @@ def _resolve_telemetry(config: Config, catalog: Catalog, source: str, env: Mappi
     metrics_endpoint, metrics_where = endpoint_of(
         telemetry.metrics.otlp_endpoint, "metrics", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"
     )
-    for endpoint, where in ((traces_endpoint, traces_where), (metrics_endpoint, metrics_where)):
-        if endpoint:
-            # Checked whether exported to or not: a password in it is refused all the same.
-            _checked_otlp_endpoint(endpoint, where, source)
     disabled = env.get("OTEL_SDK_DISABLED", "").lower() == "true"
 
-    def exporter(configured: str | None, variable: str, endpoint: str) -> str:
+    def exporter(configured: str | None, variable: str, endpoint: str, where: str) -> str:
         chosen = configured or env.get(variable, "").split(",")[0].strip().lower() or ("otlp" if endpoint else "none")
         if chosen not in ("none", "console", "otlp"):
             raise ConfigError(f"{source}: ${variable}: unsupported exporter {chosen!r} (none, console, otlp)")
         chosen = "none" if disabled and configured is None else chosen
         if chosen == "otlp":
+            if endpoint:
+                # Only an endpoint exported to: one set for every pod, in a process whose telemetry
+                # is off, is never used (nor logged).
+                _checked_otlp_endpoint(endpoint, where, source)
             # The exporters speak OTLP over gRPC only: one told to use http/protobuf (port 4318)
             # would send gRPC to an HTTP endpoint and export nothing, failing quietly forever.
             signal = variable.removeprefix("OTEL_").removesuffix("_EXPORTER")
@@ -1154,18 +1151,18 @@ def _resolve_telemetry(config: Config, catalog: Catalog, source: str, env: Mappi
     return TelemetrySettings(
         service_name=telemetry.service_name or env.get("OTEL_SERVICE_NAME") or resource.get("service.name", "routesvc"),
         resource_attributes=resource,
-        traces_exporter=exporter(telemetry.tracing.exporter, "OTEL_TRACES_EXPORTER", traces_endpoint),
+        traces_exporter=exporter(telemetry.tracing.exporter, "OTEL_TRACES_EXPORTER", traces_endpoint, traces_where),
         traces_endpoint=traces_endpoint or "http://localhost:4317",
         sample_ratio=ratio,
         sampler=sampler,
-        metrics_exporter=exporter(telemetry.metrics.exporter, "OTEL_METRICS_EXPORTER", metrics_endpoint),
+        metrics_exporter=exporter(telemetry.metrics.exporter, "OTEL_METRICS_EXPORTER", metrics_endpoint, metrics_where),
         metrics_endpoint=metrics_endpoint or "http://localhost:4317",
         metrics_interval_seconds=telemetry.metrics.export_interval_seconds,
         otlp_headers=_otlp_headers(env.get("OTEL_EXPORTER_OTLP_HEADERS", ""), source),
         # Each exporter by its own endpoint's scheme: http:// is plaintext (unless the variable
         # says every endpoint is).
-        traces_insecure=insecure or (traces_endpoint or "http://").startswith("http://"),
-        metrics_insecure=insecure or (metrics_endpoint or "http://").startswith("http://"),
+        traces_insecure=insecure or (traces_endpoint or "http://").lower().startswith("http://"),
+        metrics_insecure=insecure or (metrics_endpoint or "http://").lower().startswith("http://"),
         prometheus_host=telemetry.metrics.prometheus_host,
         prometheus_port=telemetry.metrics.prometheus_port,
         capture_content=telemetry.capture_content,

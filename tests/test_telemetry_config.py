@@ -193,32 +193,55 @@ class TestInvalid:
     @pytest.mark.parametrize(
         ("environ", "message"),
         [
-            ({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector"}, "not an absolute http(s) URL with a host"),
-            ({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4317/v1"}, "not an absolute http(s) URL with a host"),
-            ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://:4317"}, "not an absolute http(s) URL with a host"),
-            ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:99999"}, "not an absolute http(s) URL with a host"),
+            ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://:4317"}, "an http(s) URL without a host or with a bad port"),
+            (
+                {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:99999"},
+                "an http(s) URL without a host or with a bad port",
+            ),
             ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317\n"}, "whitespace, a control or an invisible"),
         ],
-        ids=["no-scheme-no-port", "no-scheme-with-path", "no-host", "bad-port", "trailing-newline"],
+        ids=["no-host", "bad-port", "trailing-newline"],
     )
     def test_an_otlp_endpoint_the_exporter_cannot_use_fails_at_start(
         self, environ: dict[str, str], message: str
     ) -> None:
-        """The endpoint must be an absolute http(s) URL with a host, as OpenTelemetry specifies."""
+        """An http(s) endpoint must have a host and a port from 1 to 65535."""
         with pytest.raises(ConfigError) as caught:
             _telemetry(environ=environ)
         assert f"$OTEL_EXPORTER_OTLP_ENDPOINT: {message}" in caught.value.message
         assert "collector" not in caught.value.message
 
-    def test_a_bare_host_and_port_stays_an_otlp_endpoint(self) -> None:
-        """`HOST:PORT` without a scheme, which the gRPC exporters take as their target (TLS unless
-        $OTEL_EXPORTER_OTLP_INSECURE is true), starts as it did before endpoints were checked."""
-        settings = _telemetry(environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4317"})
+    @pytest.mark.parametrize(
+        ("endpoint", "insecure"),
+        [
+            ("collector:4317", False),
+            ("collector", False),
+            ("unix:///run/otel/collector.sock", False),
+            ("dns:///collector:4317", False),
+            ("HTTP://collector:4317", True),
+        ],
+    )
+    def test_grpc_targets_stay_otlp_endpoints(self, endpoint: str, insecure: bool) -> None:
+        """Endpoints that are gRPC targets, which the exporters hand to grpc as they are (TLS unless
+        $OTEL_EXPORTER_OTLP_INSECURE is true), start as they did before endpoints were checked;
+        an upper-case ``HTTP://`` is plaintext as ``http://`` is (it was dialled over TLS)."""
+        settings = _telemetry(environ={"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint})
         assert (settings.traces_exporter, settings.traces_endpoint, settings.traces_insecure) == (
             "otlp",
-            "collector:4317",
-            False,
+            endpoint,
+            insecure,
         )
+
+    @pytest.mark.parametrize(
+        "environ",
+        [{"OTEL_SDK_DISABLED": "true"}, {"OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none"}],
+        ids=["sdk-disabled", "exporters-none"],
+    )
+    def test_an_endpoint_no_exporter_uses_is_not_checked(self, environ: dict[str, str]) -> None:
+        """An endpoint set for every pod, in a process whose telemetry is off, is never used nor
+        logged, so even one with credentials does not stop the start."""
+        settings = _telemetry(environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://u:pw@collector:4317", **environ})
+        assert (settings.traces_exporter, settings.metrics_exporter) == ("none", "none")
 
 
 class TestPublicSurface:
