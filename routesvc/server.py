@@ -430,7 +430,10 @@ class Server:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         interval = self._settings.config.server.reload_interval_seconds
         # Settings read from a file name it as their source; embedded or in-memory ones "<...>".
-        if interval > 0 and not self._settings.source.startswith("<"):
+        # Only a regular file (a ConfigMap's symlinks lead to one) is watched: a pipe
+        # (``--config <(envsubst ...)``) held the config once and reads empty after.
+        source = self._settings.source
+        if interval > 0 and not source.startswith("<") and await asyncio.to_thread(Path(source).is_file):
             reloads = self.telemetry.instruments.config_reloads
             # Started from what this server's settings were parsed from, not from the file now.
             watcher = ConfigWatcher(

@@ -588,6 +588,25 @@ class TestAChangeWhileTheServerStarts:
         assert models[-1] == "gpt-4o"
         assert [entry["event"] for entry in logs if entry["event"].startswith("config_")] == ["config_reloaded"]
 
+    async def test_a_config_read_from_a_pipe_is_not_watched(self) -> None:
+        """``serve --config <(envsubst < config.yaml)``: the pipe held the config once and is empty
+        after, so it is not polled (each poll read it empty, unlike the bytes parsed at start, and
+        logged a rejected reload, "the top level must be a mapping", at error level)."""
+        config = default_config()
+        config["server"] = {"reload_interval_seconds": 0.05}
+        read_end, write_end = os.pipe()
+        try:
+            with os.fdopen(write_end, "wb") as writer:
+                writer.write(yaml.safe_dump(config).encode())
+            settings = load_settings(Path(f"/proc/self/fd/{read_end}"), {})
+            with capture_logs() as logs:
+                async with Server(settings, port=0) as server, RouterClient(server.target) as client:
+                    await asyncio.sleep(0.3)
+                    assert (await client.route(user_chat("hello"))).model
+        finally:
+            os.close(read_end)
+        assert [entry["event"] for entry in logs if entry["event"].startswith("config_")] == []
+
     async def test_a_provider_key_file_filled_after_the_parse_is_used_from_the_first_poll(
         self, tmp_path: Path, fake: FakeProvider
     ) -> None:
