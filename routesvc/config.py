@@ -1280,12 +1280,13 @@ def _resolve_provider(
         where = f"providers.{name}.base_url" if provider.base_url else f"${url_env}"
         base_url = _checked_base_url(base_url, where, source)
     api_key: str | None = None
-    from_file = False
+    from_file = not_text = False
     if key_file is not None:
         # Bytes that are not UTF-8 become U+FFFD, which no header carries: the key is unusable
         # (it raised UnicodeDecodeError, a traceback at start).
         api_key = key_file.decode("utf-8", errors="replace").strip() or None
         from_file = api_key is not None
+        not_text = from_file and "\ufffd" in (api_key or "") and "\ufffd".encode() not in key_file
     if api_key is None and key_env:
         # Stripped as the file is: a secret made with `kubectl create secret --from-file` ends in
         # a newline, which no HTTP header can carry.
@@ -1298,9 +1299,17 @@ def _resolve_provider(
         api_key = None
     reason = detail = ""
     if unusable or (api_key is None and requires_key):
-        reason = _missing_key(name, provider, key_env, unusable=unusable, from_file=from_file, shown="its api_key_file")
+        reason = _missing_key(
+            name, provider, key_env, unusable=unusable, from_file=from_file, not_text=not_text, shown="its api_key_file"
+        )
         detail = _missing_key(
-            name, provider, key_env, unusable=unusable, from_file=from_file, shown=f"file {provider.api_key_file}"
+            name,
+            provider,
+            key_env,
+            unusable=unusable,
+            from_file=from_file,
+            not_text=not_text,
+            shown=f"file {provider.api_key_file}",
         )
     return ProviderSettings(
         name, provider.kind, base_url, api_key, reason, detail, provider.http_client, provider.stream_usage
@@ -1308,16 +1317,22 @@ def _resolve_provider(
 
 
 def _missing_key(
-    name: str, provider: ProviderConfig, key_env: str, *, unusable: bool, from_file: bool, shown: str
+    name: str,
+    provider: ProviderConfig,
+    key_env: str,
+    *,
+    unusable: bool,
+    from_file: bool,
+    not_text: bool = False,
+    shown: str,
 ) -> str:
     """Why a provider has no key, naming where it came from or where to set it, never the key;
-    ``shown``: how the key file is named (its path for the operator's log, not for callers)."""
+    ``shown``: how the key file is named (its path for the operator's log, not for callers);
+    ``not_text``: the file's bytes are not UTF-8 text."""
     if unusable:
         source = shown if from_file else f"environment variable {key_env}"
-        return (
-            f"provider {name!r}: the API key in {source} has spaces or control characters, "
-            "which an HTTP header cannot carry"
-        )
+        what = "is not UTF-8 text" if not_text else "has spaces or control characters"
+        return f"provider {name!r}: the API key in {source} {what}, which an HTTP header cannot carry"
     sources = [f"environment variable {key_env}"] if key_env else []
     if provider.api_key_file is not None:
         sources.append(shown)

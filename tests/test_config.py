@@ -66,7 +66,8 @@ class TestCredentials:
 
     def test_a_key_file_that_is_not_utf8_leaves_the_provider_unconfigured(self, tmp_path: Path) -> None:
         """A binary file mounted as the key (the wrong Secret key) is a key no header can carry:
-        the provider says so (reading it raised UnicodeDecodeError, a traceback at start)."""
+        the provider says so, and why (reading it raised UnicodeDecodeError, a traceback at start;
+        then it was said to have spaces or control characters)."""
         (tmp_path / "key").write_bytes(b"\xff\xfesk-binary")
         config = default_config()
         config["providers"] = {
@@ -76,8 +77,7 @@ class TestCredentials:
         provider = settings_from(config).providers["openai"]
         assert not provider.configured
         assert provider.missing_key_reason == (
-            "provider 'openai': the API key in its api_key_file has spaces or control characters,"
-            " which an HTTP header cannot carry"
+            "provider 'openai': the API key in its api_key_file is not UTF-8 text, which an HTTP header cannot carry"
         )
 
     def test_a_key_from_the_environment_is_stripped_as_a_file_key_is(self) -> None:
