@@ -531,6 +531,18 @@ class TestMissingUsage:
         assert [entry["event"] for entry in logs] == ["provider_usage_estimated"]
         assert all(CANARY_PROMPT not in str(entry) for entry in logs)
 
+    async def test_a_usage_chunk_that_came_with_the_finish_inside_the_deadlines_margin_is_read(
+        self, fake: FakeProvider, provider: OpenAIProvider
+    ) -> None:
+        """The finish and the usage chunk arrive together about 40 ms before the call's deadline,
+        inside the 50 ms margin kept before it: the usage already there is read and billed (the
+        stream was ended unread, and the call billed a tokenizer estimate)."""
+        fake.enqueue(Script(first_chunk_delay=0.31, chunk_count=1, input_tokens=111, output_tokens=222))
+        events = await collect(provider, make_call(timeout=0.35))
+        finish = events[-1]
+        assert isinstance(finish, ProviderFinish)
+        assert (finish.usage.input_tokens, finish.usage.output_tokens, finish.estimated) == (111, 222, False)
+
     async def test_a_finished_answer_without_usage_whose_body_is_held_open_ends_with_an_estimate(
         self, fake: FakeProvider, provider: OpenAIProvider
     ) -> None:

@@ -103,10 +103,12 @@ _log = structlog.get_logger("routesvc.providers")
 # drains after ``message_stop``; until then each next chunk gets a second, then the usage is
 # estimated as when a server sends none (or the last chunk's usage so far is taken). Neither wait
 # runs past the call's deadline, less ``_DEADLINE_MARGIN_SECONDS``: the answer is whole, so it
-# ends with an estimate rather than the deadline failing it.
+# ends with an estimate rather than the deadline failing it. Within that margin what has come
+# already is still read, for up to ``_BUFFERED_READ_SECONDS`` (at most half the time left).
 _DRAIN_SECONDS = 0.1
 _USAGE_WAIT_SECONDS = 1.0
 _DEADLINE_MARGIN_SECONDS = 0.05
+_BUFFERED_READ_SECONDS = 0.01
 
 _FINISH_REASONS = {
     "stop": FinishReason.STOP,
@@ -472,7 +474,10 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
         within ``wait`` seconds, nor before the deadline's margin (see ``_DRAIN_SECONDS``): the
         answer is whole, the stream ends."""
         if deadline is not None:
-            wait = min(wait, deadline - asyncio.get_running_loop().time() - _DEADLINE_MARGIN_SECONDS)
+            left = deadline - asyncio.get_running_loop().time()
+            # Within the margin, still what has come already (the usage chunk written with the
+            # finish): half of what is left, at most _BUFFERED_READ_SECONDS.
+            wait = min(wait, max(left - _DEADLINE_MARGIN_SECONDS, min(_BUFFERED_READ_SECONDS, left / 2)))
             if wait <= 0:
                 return END_OF_STREAM
         tail = asyncio.timeout(wait)
