@@ -821,7 +821,8 @@ class Router:
             else:
                 why = ""
             eligible[model.id] = why
-        if uses_images:
+        if uses_images and not request.context.model:
+            # A pinned model is not left out: it is refused REQUEST_TOO_LARGE, whatever the others.
             self._leave_out_over_token_rate(request.context.tenant, eligible, text_tokens, images, output_tokens)
         return eligible
 

@@ -782,6 +782,23 @@ class TestImageTokenLimits:
         )
         assert [request.model for request in fake.requests] == ["gpt-4o-mini", "gpt-4o"]
 
+    async def test_a_pinned_model_an_image_request_is_over_the_limit_on_is_too_large_whatever_fits_else(
+        self, fake: FakeProvider
+    ) -> None:
+        """Pinned to gpt-4o-mini, the same request is REQUEST_TOO_LARGE, as when no model fits,
+        though gpt-4o would fit (it was FAILED_PRECONDITION NO_ELIGIBLE_MODEL then)."""
+        config = default_config()
+        config["tenants"] = {"t": {"tokens_per_minute": 3000}}
+        chat = image_chat(url_part("https://example.com/a.png"), content=_QUESTION)
+        async with (
+            Server(settings_from(config, live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                [m async for m in client.complete(chat, pb.RoutingContext(tenant="t", model="gpt-4o-mini"))]
+        assert error_info(refused.value).reason == "REQUEST_TOO_LARGE"
+        assert fake.requests == []
+
     async def test_a_batch_image_request_is_admitted_on_its_billed_estimate(
         self, tmp_path: Path, fake: FakeProvider
     ) -> None:
