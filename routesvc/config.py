@@ -19,6 +19,7 @@ from decimal import Decimal
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import SplitResult, urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -1047,6 +1048,17 @@ TRACE_SAMPLERS = (
 sample ``sample_ratio`` of traces."""
 
 
+def _http_url(url: str) -> SplitResult | None:
+    """``url``'s parts when it is an absolute http(s) URL with a host and, if any, a port from 1 to
+    65535; else None."""
+    try:
+        parts = urlsplit(url)
+        usable = parts.scheme.lower() in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a port that is not a number from 0 to 65535, an unclosed [IPv6 address
+        return None
+    return parts if usable else None
+
+
 def _checked_otlp_endpoint(url: str, where: str, source: str) -> None:
     """Refuse an OTLP endpoint with credentials (``user:password@``), whitespace or an invisible
     character, or an http(s) URL without a host or with a bad port. With credentials the exporter
@@ -1054,7 +1066,6 @@ def _checked_otlp_endpoint(url: str, where: str, source: str) -> None:
     every failed export. Other forms are gRPC targets the exporters pass to grpc as they are
     (``HOST:PORT``, ``unix:///PATH``, ``dns:///HOST:PORT``). The error names the setting or
     variable, never the URL."""
-    from urllib.parse import urlsplit
 
     if any(unicodedata.category(character)[0] in "CZ" for character in url):
         raise ConfigError(
@@ -1070,12 +1081,7 @@ def _checked_otlp_endpoint(url: str, where: str, source: str) -> None:
         )
     if url.partition("://")[0].lower() not in ("http", "https") or "://" not in url:
         return
-    try:
-        parts = urlsplit(url)
-        usable = bool(parts.hostname) and parts.port != 0
-    except ValueError:  # a port that is not a number from 0 to 65535, an unclosed [IPv6 address
-        usable = False
-    if not usable:
+    if _http_url(url) is None:
         raise ConfigError(
             f"{source}: {where}: an http(s) URL without a host or with a bad port; use http://HOST:4317"
             " (the URL is not shown)"
@@ -1206,7 +1212,6 @@ def _checked_base_url(url: str, where: str, source: str) -> str:
     (Unicode's control, format and separator categories: a zero-width space, a soft hyphen), and a
     host the SDKs' URL parser (httpx's, IDNA 2008) refuses: both passed ``urlsplit`` and failed the
     start with httpx's traceback, which printed the host."""
-    from urllib.parse import urlsplit
 
     import httpx2
 
@@ -1221,12 +1226,8 @@ def _checked_base_url(url: str, where: str, source: str) -> str:
             " word joiner or byte order mark, pasted with it?), which the HTTP client cannot use"
             " (the URL is not shown)"
         )
-    try:
-        parts = urlsplit(url)
-        usable = parts.scheme.lower() in ("http", "https") and bool(parts.hostname) and parts.port != 0
-    except ValueError:  # a port that is not a number from 0 to 65535, an unclosed [IPv6 address
-        usable = False
-    if not usable:
+    parts = _http_url(url)
+    if parts is None:
         raise ConfigError(
             f"{source}: {where}: not an absolute http(s) URL with a host, such as http://HOST:PORT/v1"
             " (the URL is not shown)"
