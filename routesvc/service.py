@@ -786,7 +786,7 @@ class RouterService(pb_grpc.RouterServiceServicer):
                 if tenant and tenant != record.principal.tenant:
                     raise PermissionDenied("tenant does not match the authenticated tenant")
                 tenant = record.principal.tenant
-            return wire.stats_message(self._telemetry.stats.summary(tenant=tenant, window_seconds=window))
+            return wire.stats_message(await self._telemetry.stats.summarize(tenant=tenant, window_seconds=window))
         raise AssertionError("unreachable")  # pragma: no cover - _rpc aborts or returns
 
 

@@ -13,10 +13,11 @@ ledger has it. Feedback scores (``add_feedback``) are averaged per model over th
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -109,18 +110,6 @@ class Totals:
         """Savings as a percentage of the baseline cost (0 when the baseline cost is 0)."""
         return float(self.savings_usd / self.baseline_cost_usd * 100) if self.baseline_cost_usd else 0.0
 
-    @classmethod
-    def of(cls, outcomes: Sequence[RequestOutcome], late: Sequence[LateCharge] = ()) -> Totals:
-        """The totals of ``outcomes``, and the cost of ``late`` charges of theirs."""
-        return cls(
-            requests=len(outcomes),
-            cost_usd=sum((o.cost_usd for o in outcomes), _ZERO) + sum((c.cost_usd for c in late), _ZERO),
-            baseline_cost_usd=sum((o.baseline_cost_usd for o in outcomes), _ZERO),
-            estimated_cost_usd=sum((o.estimated_cost_usd for o in outcomes), _ZERO),
-            estimated_baseline_cost_usd=sum((o.estimated_baseline_cost_usd for o in outcomes), _ZERO),
-            errors=sum(1 for o in outcomes if not o.ok),
-        )
-
 
 @dataclass(frozen=True, slots=True)
 class ModelRow:
@@ -194,6 +183,7 @@ class RoutingStats:
         self._feedback: deque[FeedbackOutcome] = deque()
         self._latest: dict[str, FeedbackOutcome] = {}
         self._stale = 0
+        self._folding: dict[tuple[str, float | None], asyncio.Future[StatsSummary]] = {}
 
     def add(self, outcome: RequestOutcome) -> None:
         """Keep ``outcome``; drop what fell out of the window."""
@@ -240,66 +230,195 @@ class RoutingStats:
         while self._feedback and now - self._feedback[0].at > self.window_seconds:
             self._drop_oldest_feedback()
 
-    def _baselines(self, outcomes: list[RequestOutcome]) -> str:
-        """The model ``outcomes`` were priced on: a reload that changed the baseline within the window
-        leaves outcomes of each, named oldest first (\"claude-sonnet, gpt-4o\")."""
-        names = dict.fromkeys(o.baseline_model for o in outcomes if o.baseline_model)
-        return ", ".join(names) if names else self.baseline_model
-
     def summary(self, *, tenant: str = "", window_seconds: float | None = None) -> StatsSummary:
         """Fold the last ``window_seconds`` (at most the whole window) of ``tenant`` (all when empty)."""
+        fold = self._fold(tenant, window_seconds)
+        for _ in fold.slices():
+            pass
+        return fold.summary()
+
+    async def summarize(self, *, tenant: str = "", window_seconds: float | None = None) -> StatsSummary:
+        """``summary``, folded a slice at a time so the event loop serves other calls in between (a
+        full window of 100,000 outcomes takes hundreds of milliseconds). Calls asking the same
+        question while one is folding share its answer."""
+        key = (tenant, window_seconds)
+        folding = self._folding.get(key)
+        if folding is None:
+            folding = asyncio.ensure_future(self._summarize(tenant, window_seconds))
+            self._folding[key] = folding
+            folding.add_done_callback(lambda _: self._folding.pop(key, None))
+        # A caller that goes away leaves the fold to the others (it ends on its own, bounded).
+        return await asyncio.shield(folding)
+
+    async def _summarize(self, tenant: str, window_seconds: float | None) -> StatsSummary:
+        fold = self._fold(tenant, window_seconds)
+        for _ in fold.slices():
+            await asyncio.sleep(0)
+        return fold.summary()
+
+    def _fold(self, tenant: str, window_seconds: float | None) -> _Fold:
         now = self._clock()
         self._expire(now)
         window = self.window_seconds if not window_seconds else min(window_seconds, self.window_seconds)
-        outcomes = [o for o in self._outcomes if now - o.at <= window and (not tenant or o.tenant == tenant)]
-        late = [c for c in self._late if now - c.at <= window and (not tenant or c.tenant == tenant)]
-        totals = Totals.of(outcomes, late)
-        by_model: dict[str, list[RequestOutcome]] = {}
-        by_tenant: dict[str, list[RequestOutcome]] = {}
-        late_by_model: dict[str, list[LateCharge]] = {}
-        late_by_tenant: dict[str, list[LateCharge]] = {}
-        for outcome in outcomes:
-            by_model.setdefault(outcome.model, []).append(outcome)
-            by_tenant.setdefault(outcome.tenant, []).append(outcome)
-        for charge in late:
-            late_by_model.setdefault(charge.model, []).append(charge)
-            late_by_tenant.setdefault(charge.tenant, []).append(charge)
-            by_model.setdefault(charge.model, [])
-            by_tenant.setdefault(charge.tenant, [])
-        scores: dict[str, list[float]] = {}
-        for feedback in self._feedback:
-            if now - feedback.at <= window and (not tenant or feedback.tenant == tenant) and self._counts(feedback):
-                scores.setdefault(feedback.model, []).append(feedback.score)
-                by_model.setdefault(feedback.model, [])
-        released = [o for o in outcomes if o.cascade_released]
-        released_scores = [o.cascade_score for o in released if o.cascade_score is not None]
+        # Copies, not views: what arrives during a sliced fold is in the next summary, and a score
+        # re-rated meanwhile counts as it did when the fold began.
+        return _Fold(
+            tenant,
+            window,
+            now,
+            self.baseline_model,
+            tuple(self._outcomes),
+            tuple(self._late),
+            tuple(self._feedback),
+            dict(self._latest),
+        )
+
+
+_SLICE = 500  # window entries folded between two turns of the event loop (a few milliseconds)
+
+
+@dataclass(slots=True)
+class _Sums:
+    """Running totals of one row (a model, a tenant)."""
+
+    requests: int = 0
+    cost_usd: Decimal = _ZERO
+    baseline_cost_usd: Decimal = _ZERO
+    estimated_cost_usd: Decimal = _ZERO
+    estimated_baseline_cost_usd: Decimal = _ZERO
+    errors: int = 0
+
+    def add(self, outcome: RequestOutcome) -> None:
+        self.requests += 1
+        self.cost_usd += outcome.cost_usd
+        self.baseline_cost_usd += outcome.baseline_cost_usd
+        self.estimated_cost_usd += outcome.estimated_cost_usd
+        self.estimated_baseline_cost_usd += outcome.estimated_baseline_cost_usd
+        if not outcome.ok:
+            self.errors += 1
+
+    def merge(self, other: _Sums) -> None:
+        self.requests += other.requests
+        self.cost_usd += other.cost_usd
+        self.baseline_cost_usd += other.baseline_cost_usd
+        self.estimated_cost_usd += other.estimated_cost_usd
+        self.estimated_baseline_cost_usd += other.estimated_baseline_cost_usd
+        self.errors += other.errors
+
+    def totals(self) -> Totals:
+        return Totals(
+            self.requests,
+            self.cost_usd,
+            self.baseline_cost_usd,
+            self.estimated_cost_usd,
+            self.estimated_baseline_cost_usd,
+            self.errors,
+        )
+
+
+class _Fold:
+    """One summary being folded: a copy of the window, taken in ``_SLICE``-sized slices, one pass."""
+
+    def __init__(
+        self,
+        tenant: str,
+        window: float,
+        now: float,
+        baseline_model: str,
+        outcomes: tuple[RequestOutcome, ...],
+        late: tuple[LateCharge, ...],
+        feedback: tuple[FeedbackOutcome, ...],
+        latest: dict[str, FeedbackOutcome],
+    ) -> None:
+        self._tenant, self._window, self._now, self._baseline_model = tenant, window, now, baseline_model
+        self._outcomes, self._late, self._feedback, self._latest = outcomes, late, feedback, latest
+        self._models: dict[str, _Sums] = {}
+        self._tenants: dict[str, _Sums] = {}
+        self._scores: dict[str, list[float]] = {}
+        self._baselines: dict[str, None] = {}
+        self._latencies: list[float] = []
+        self._first_chunks: list[float] = []
+        self._released_scores: list[float] = []
+        self._escalations = self._escalated = self._fallbacks = self._cascade_decisions = self._released = 0
+
+    def slices(self) -> Iterator[None]:
+        """Fold the copy; yields between slices."""
+        now, window, tenant = self._now, self._window, self._tenant
+        for start in range(0, len(self._outcomes), _SLICE):
+            for outcome in self._outcomes[start : start + _SLICE]:
+                if now - outcome.at <= window and (not tenant or outcome.tenant == tenant):
+                    self._add(outcome)
+            yield
+        for start in range(0, len(self._late), _SLICE):
+            for charge in self._late[start : start + _SLICE]:
+                if now - charge.at <= window and (not tenant or charge.tenant == tenant):
+                    self._row(self._models, charge.model).cost_usd += charge.cost_usd
+                    self._row(self._tenants, charge.tenant).cost_usd += charge.cost_usd
+            yield
+        for start in range(0, len(self._feedback), _SLICE):
+            for feedback in self._feedback[start : start + _SLICE]:
+                latest = not feedback.decision_id or self._latest.get(feedback.decision_id) is feedback
+                if latest and now - feedback.at <= window and (not tenant or feedback.tenant == tenant):
+                    self._scores.setdefault(feedback.model, []).append(feedback.score)
+                    self._row(self._models, feedback.model)
+            yield
+
+    @staticmethod
+    def _row(rows: dict[str, _Sums], name: str) -> _Sums:
+        row = rows.get(name)
+        if row is None:
+            row = rows[name] = _Sums()
+        return row
+
+    def _add(self, outcome: RequestOutcome) -> None:
+        self._row(self._models, outcome.model).add(outcome)
+        self._row(self._tenants, outcome.tenant).add(outcome)
+        if outcome.baseline_model:
+            self._baselines[outcome.baseline_model] = None
+        self._latencies.append(outcome.latency_seconds)
+        if outcome.time_to_first_chunk_seconds is not None:
+            self._first_chunks.append(outcome.time_to_first_chunk_seconds)
+        self._escalations += outcome.escalations
+        if outcome.escalations:
+            self._escalated += 1
+        self._fallbacks += outcome.fallbacks
+        if outcome.cascade_released is not None:
+            self._cascade_decisions += 1
+        if outcome.cascade_released:
+            self._released += 1
+            if outcome.cascade_score is not None:
+                self._released_scores.append(outcome.cascade_score)
+
+    def summary(self) -> StatsSummary:
+        """The folded window (after ``slices`` ran out)."""
+        total = _Sums()
+        for row in self._models.values():
+            total.merge(row)
+        scores, released = self._scores, self._released_scores
         return StatsSummary(
-            window_seconds=window,
-            tenant=tenant,
-            baseline_model=self._baselines(outcomes),
-            totals=totals,
-            escalations=sum(o.escalations for o in outcomes),
-            escalated_requests=sum(1 for o in outcomes if o.escalations),
-            fallbacks=sum(o.fallbacks for o in outcomes),
-            cascade_decisions=sum(1 for o in outcomes if o.cascade_released is not None),
-            cascade_released=len(released),
-            mean_released_score=sum(released_scores) / len(released_scores) if released_scores else None,
-            latency=Percentiles.of(o.latency_seconds for o in outcomes),
-            time_to_first_chunk=Percentiles.of(
-                o.time_to_first_chunk_seconds for o in outcomes if o.time_to_first_chunk_seconds is not None
-            ),
+            window_seconds=self._window,
+            tenant=self._tenant,
+            # A reload that changed the baseline within the window leaves outcomes of each, named
+            # oldest first ("claude-sonnet, gpt-4o").
+            baseline_model=", ".join(self._baselines) if self._baselines else self._baseline_model,
+            totals=total.totals(),
+            escalations=self._escalations,
+            escalated_requests=self._escalated,
+            fallbacks=self._fallbacks,
+            cascade_decisions=self._cascade_decisions,
+            cascade_released=self._released,
+            mean_released_score=sum(released) / len(released) if released else None,
+            latency=Percentiles.of(self._latencies),
+            time_to_first_chunk=Percentiles.of(self._first_chunks),
             models=tuple(
                 ModelRow(
                     model,
-                    len(rows) / len(outcomes) if outcomes else 0.0,
-                    Totals.of(rows, late_by_model.get(model, ())),
+                    row.requests / total.requests if total.requests else 0.0,
+                    row.totals(),
                     len(scores.get(model, ())),
                     sum(scores[model]) / len(scores[model]) if scores.get(model) else None,
                 )
-                for model, rows in sorted(by_model.items(), key=lambda item: (-len(item[1]), item[0]))
+                for model, row in sorted(self._models.items(), key=lambda item: (-item[1].requests, item[0]))
             ),
-            tenants=tuple(
-                TenantRow(name, Totals.of(rows, late_by_tenant.get(name, ())))
-                for name, rows in sorted(by_tenant.items())
-            ),
+            tenants=tuple(TenantRow(name, row.totals()) for name, row in sorted(self._tenants.items())),
         )
