@@ -136,6 +136,12 @@ def http_client(request: pytest.FixtureRequest) -> HttpClientKind:
     return kind
 
 
+def keyless_environ() -> dict[str, str]:
+    """An environment with no keys, URLs or routesvc variables but the run's data dir (an empty
+    one fell back to ~/.local/share/routesvc: a machine's own batch store then joined the test)."""
+    return {DATA_DIR_ENV: TEST_DATA_DIR}
+
+
 def process_environ() -> dict[str, str]:
     """This process's environment without the SDK and routesvc variables: for a ``routesvc`` or
     fake-provider process whose keys, URLs and config the test sets itself; but the run's data dir."""

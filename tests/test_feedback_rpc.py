@@ -36,7 +36,15 @@ from routesvc.reload import ConfigWatcher
 from routesvc.server import Server
 from routesvc.testing import FakeProvider, Fault, Script
 from routesvc.v1 import router_pb2 as pb
-from tests.conftest import default_config, file_modes, live_environ, settings_from, user_chat, write_locked
+from tests.conftest import (
+    default_config,
+    file_modes,
+    keyless_environ,
+    live_environ,
+    settings_from,
+    user_chat,
+    write_locked,
+)
 from tests.routing_data import STRONG, WEAK, records
 from tests.test_feedback import SqliteWork, disk_full, outcome_rows, small_pages
 from tests.test_limits import retry_delay
@@ -1815,7 +1823,10 @@ class TestAFeedbackDbThatCannotBeOpened:
         not_sqlite.write_text("not a database, but long enough to have a header of one\n" * 4)
         path = tmp_path / "config.yaml"
         path.write_text(yaml.safe_dump(embedding_config(tmp_path)), encoding="utf-8")
-        async with Server(load_settings(path, {}), port=0) as server, RouterClient(server.target) as client:
+        async with (
+            Server(load_settings(path, keyless_environ()), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
             watcher = ConfigWatcher(path, 1.0, server.reload)
             path.write_text(yaml.safe_dump(embedding_config(tmp_path, feedback_db=str(not_sqlite))), encoding="utf-8")
             with capture_logs() as logs:
@@ -1843,7 +1854,7 @@ class TestAFeedbackDbThatCannotBeOpened:
         path.write_text(yaml.safe_dump(config), encoding="utf-8")
         writers_before = _feedback_writers()
         with pytest.raises(ConfigError) as caught:
-            Server(load_settings(path, {}), port=0)
+            Server(load_settings(path, keyless_environ()), port=0)
         assert "routing.stages[1].feedback_db" in caught.value.message
         assert _feedback_writers() == writers_before
 

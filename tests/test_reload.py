@@ -32,7 +32,15 @@ from routesvc.server import Server, build_providers
 from routesvc.testing import FakeProvider, Fault, Script
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
-from tests.conftest import REPO, default_config, live_environ, process_environ, settings_from, user_chat
+from tests.conftest import (
+    REPO,
+    default_config,
+    keyless_environ,
+    live_environ,
+    process_environ,
+    settings_from,
+    user_chat,
+)
 from tests.test_feedback_rpc import embedding_config
 
 
@@ -466,7 +474,7 @@ class TestFilesTheConfigNames:
         config["tenants"] = {"acme": {"api_key_sha256": [key_digest("acme-key")]}}
         path = watched_config(tmp_path, config)
         outcomes: list[str] = []
-        async with Server(load_settings(path, {}), port=0) as server:
+        async with Server(load_settings(path, keyless_environ()), port=0) as server:
             watcher = ConfigWatcher(path, 1.0, server.reload, outcome=outcomes.append)
             keys = tmp_path / "beta.keys"
             config["tenants"]["beta"] = {"api_keys_file": str(keys)}  # type: ignore[index]
@@ -497,7 +505,7 @@ class TestFilesTheConfigNames:
         config["auth"] = {"enabled": True}
         config["tenants"] = {"acme": {"api_keys_file": str(keys)}}
         path = watched_config(tmp_path, config)
-        async with Server(load_settings(path, {}), port=0) as server:
+        async with Server(load_settings(path, keyless_environ()), port=0) as server:
             watcher = ConfigWatcher(path, 1.0, server.reload)
             assert await route_status(server, "leaked-key") == grpc.StatusCode.OK
             keys.write_text(key_digest("new-key") + "\n", encoding="utf-8")
@@ -515,7 +523,10 @@ class TestFilesTheConfigNames:
         config = default_config()
         config["providers"]["openai"].update(api_key_file=str(key_file), base_url=fake.openai_base_url)  # type: ignore[index]
         path = watched_config(tmp_path, config)
-        async with Server(load_settings(path, {}), port=0) as server, RouterClient(server.target) as client:
+        async with (
+            Server(load_settings(path, keyless_environ()), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
             watcher = ConfigWatcher(path, 1.0, server.reload)
             sent: list[str] = []
             for key in ("sk-before", "sk-rotated"):
@@ -545,7 +556,10 @@ class TestYamlPythonCannotRead:
         config = default_config()
         path = watched_config(tmp_path, config)
         outcomes: list[str] = []
-        async with Server(load_settings(path, {}), port=0) as server, RouterClient(server.target) as client:
+        async with (
+            Server(load_settings(path, keyless_environ()), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
             watcher = ConfigWatcher(path, 1.0, server.reload, outcome=outcomes.append)
             path.write_text(yaml.safe_dump(config) + tail + "\n", encoding="utf-8")
             with capture_logs() as logs:
@@ -573,7 +587,7 @@ class TestAChangeWhileTheServerStarts:
         config = default_config()
         config["routing"]["default_model"] = "gpt-4o-mini"  # type: ignore[index]
         path = self.polled_config(tmp_path, config)
-        settings = load_settings(path, {})
+        settings = load_settings(path, keyless_environ())
         config["routing"]["default_model"] = "gpt-4o"  # type: ignore[index]
         path.write_text(yaml.safe_dump(config), encoding="utf-8")
         with capture_logs() as logs:
@@ -598,7 +612,7 @@ class TestAChangeWhileTheServerStarts:
         try:
             with os.fdopen(write_end, "wb") as writer:
                 writer.write(yaml.safe_dump(config).encode())
-            settings = load_settings(Path(f"/proc/self/fd/{read_end}"), {})
+            settings = load_settings(Path(f"/proc/self/fd/{read_end}"), keyless_environ())
             with capture_logs() as logs:
                 async with Server(settings, port=0) as server, RouterClient(server.target) as client:
                     await asyncio.sleep(0.3)
@@ -617,7 +631,7 @@ class TestAChangeWhileTheServerStarts:
         config = default_config()
         config["providers"]["openai"].update(api_key_file=str(key_file), base_url=fake.openai_base_url)  # type: ignore[index]
         path = self.polled_config(tmp_path, config)
-        settings = load_settings(path, {})
+        settings = load_settings(path, keyless_environ())
         assert not settings.providers["openai"].configured
         key_file.write_text("sk-late\n", encoding="utf-8")
         with capture_logs() as logs:
@@ -656,7 +670,7 @@ class TestARejectedVersionBacksOff:
         path = watched_config(tmp_path, config)
         clock = Clock()
         tries: list[float] = []
-        async with Server(load_settings(path, {}), port=0) as server:
+        async with Server(load_settings(path, keyless_environ()), port=0) as server:
 
             async def apply(settings: Settings) -> None:
                 tries.append(clock.now)
