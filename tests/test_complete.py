@@ -107,13 +107,23 @@ def _with_grace(config: dict[str, object], grace: float) -> dict[str, object]:
 
 
 def _closes_at(seconds: float) -> Callable[[Server], Awaitable[None]]:
-    """A ``meanwhile`` for ``_late_readers`` that closes the server ``seconds`` after the calls."""
+    """A ``meanwhile`` for ``_late_readers`` that closes the server ``seconds`` after its calls
+    reached it."""
 
     async def close(server: Server) -> None:
         await asyncio.sleep(seconds)
         await server.aclose()
 
     return close
+
+
+async def _all_reached(fake: FakeProvider, asked: int, calls: int) -> None:
+    """Wait until ``calls`` calls more than ``asked`` have reached the service (the fake has their
+    requests), before a test stops the server. One reaching it after its stop began is refused
+    by grpc, or cancelled before any handler runs (CANCELLED, no message): nothing logs, traces
+    or counts it. A server closed 0.25 s after 13 late readers started had sometimes not taken
+    the last one yet on a loaded machine (each takes it about 10 ms of the loop)."""
+    await until(lambda: len(fake.requests) >= asked + calls)
 
 
 async def _late_readers(
@@ -131,14 +141,19 @@ async def _late_readers(
     ``meanwhile`` runs: the decision and the text fit the 64 KiB stream window, the Completion
     does not, so its write waits on flow control. Where the window's edge falls depends on the
     messages' sizes, measured first; answers around it are asked for at once, each on a
-    connection of its own. Those that got their Completion must end OK everywhere (status,
-    rpc_finished line, span, GetStats' ``errors``), some of them after a write held back (else
-    this tested nothing); the others ``cut``. With ``in_time`` False the callers read too late
+    connection of its own. With a ``meanwhile`` (and no deadline), it runs, and the callers
+    read, once every call has reached the service (``_all_reached``): ``read_at`` counts from
+    then. Those that got their Completion must end OK everywhere (status, rpc_finished line,
+    span, GetStats' ``errors``), some of them after a write held back (else this tested
+    nothing); the others ``cut``. With ``in_time`` False the callers read too late
     for a Completion held back (after their deadline, or the shutdown grace): some Completion
     was handed over and the call still ``cut``, logged, traced and counted so. grpc logs no error
     either way. ``closes``: ``meanwhile`` closes the server (which then answers no GetStats).
     Returns the rpc_finished lines of the late calls."""
+    # (A deadline counts from the call's start, which ``read_at`` then does not.)
+    assert meanwhile is None or deadline is None
     options = _LATE_READER_OPTIONS
+    reached = asyncio.Event()
     async with observed_server(fake, config=config) as observed:
         sizes = await _window_edge_sizes(fake, observed.client)
 
@@ -150,6 +165,8 @@ async def _late_readers(
                     timeout=deadline,
                     metadata=(("x-request-id", request_id),),
                 )
+                if meanwhile is not None:
+                    await reached.wait()
                 await asyncio.sleep(read_at)
                 kinds: list[str] = []
                 with contextlib.suppress(grpc.aio.AioRpcError):
@@ -161,8 +178,11 @@ async def _late_readers(
             fake.enqueue(Script(chunks=("x" * size,)))
         with _grpc_errors() as grpc_errors:
             with capture_logs() as logs:
+                asked = len(fake.requests)
                 readers = asyncio.gather(*(late_reader(size) for size in sizes))
                 if meanwhile is not None:
+                    await _all_reached(fake, asked, len(sizes))
+                    reached.set()
                     await meanwhile(observed.server)
                 outcomes = await readers
                 await until(lambda: sum(entry["event"] == "rpc_finished" for entry in logs) == len(sizes))
@@ -722,15 +742,17 @@ class TestDeadlinesAndCancellation:
         self, fake: FakeProvider
     ) -> None:
         """Late readers (as ``_late_readers``: the Completion's write held back by flow control)
-        while the server closes at 0.25 s with a 4 s grace: it cancels its calls at 3.75 s and
-        its stop cuts them at 4.25 s. Callers that cancel their calls at 4 s, not having read,
-        end CANCELLED, and so their calls are logged and traced, as they saw them: those whose
-        Completion was handed over were logged and traced UNAVAILABLE ``SHUTTING_DOWN``, as if
-        the stop had cut them, and those whose status waited behind their text logged so."""
+        while the server closes 0.25 s after they reached it (``_all_reached``; times from
+        then) with a 4 s grace: it cancels its calls at 3.75 s and its stop cuts them at 4.25 s.
+        Callers that cancel their calls at 4 s, not having read, end CANCELLED, and so their
+        calls are logged and traced, as they saw them: those whose Completion was handed over
+        were logged and traced UNAVAILABLE ``SHUTTING_DOWN``, as if the stop had cut them, and
+        those whose status waited behind their text logged so."""
         config = _with_grace(default_config(), 4.0)
         options = _LATE_READER_OPTIONS
         async with observed_server(fake, config=config) as observed:
             sizes = await _window_edge_sizes(fake, observed.client)
+            reached = asyncio.Event()
 
             async def leaver(size: int) -> grpc.StatusCode:
                 async with grpc.aio.insecure_channel(observed.server.target, options=options) as channel:
@@ -738,6 +760,7 @@ class TestDeadlinesAndCancellation:
                         pb.CompleteRequest(chat=user_chat("a late reader")),
                         metadata=(("x-request-id", f"leaver-{size}"),),
                     )
+                    await reached.wait()
                     await asyncio.sleep(4.0)
                     call.cancel()
                     return await call.code()
@@ -746,7 +769,10 @@ class TestDeadlinesAndCancellation:
                 fake.enqueue(Script(chunks=("x" * size,)))
             with _grpc_errors() as grpc_errors:
                 with capture_logs() as logs:
+                    asked = len(fake.requests)
                     leaving = asyncio.gather(*(leaver(size) for size in sizes))
+                    await _all_reached(fake, asked, len(sizes))
+                    reached.set()
                     await asyncio.sleep(0.25)
                     await observed.server.aclose()
                     codes = await leaving
@@ -787,12 +813,13 @@ class TestDeadlinesAndCancellation:
         self, fake: FakeProvider
     ) -> None:
         """The same late readers (no deadline) with ``client_write_timeout_seconds`` 2.5, the
-        server closed at 0.25 s with a 4 s grace: the Completion's write stalls at 2.5 s, and the
-        shutdown interrupts its calls at 3.25 s and cancels them at 3.75 s, while the stalled call
-        still waits for its caller (as long again). A caller reading at 4 s, within the grace,
-        gets the whole answer and OK, logged and traced so: the shutdown's cancel was taken as
-        the call's end, logged CANCELLED, and the caller got the Completion, then UNAVAILABLE at
-        the grace's end. Those whose text does not fit end ``CLIENT_STALLED``."""
+        server closed 0.25 s after they reached it (times from then) with a 4 s grace: the
+        Completion's write stalls by 2.5 s, and the shutdown interrupts its calls at 3.25 s and
+        cancels them at 3.75 s, while the stalled call still waits for its caller (as long
+        again). A caller reading at 4 s, within the grace, gets the whole answer and OK, logged
+        and traced so: the shutdown's cancel was taken as the call's end, logged CANCELLED, and
+        the caller got the Completion, then UNAVAILABLE at the grace's end. Those whose text
+        does not fit end ``CLIENT_STALLED``."""
         config = _with_grace(default_config(), 4.0)
         config["reliability"] = {"client_write_timeout_seconds": 2.5}
         lines = await _late_readers(
