@@ -318,10 +318,16 @@ async def _stats(args: argparse.Namespace) -> int:
             f"saved {row.totals.savings_usd} USD"
             + (f", feedback {row.mean_feedback_score:.2f} ({row.feedback_count})" if row.feedback_count else "")
         )
-    if len(stats.tenants) > 1:
+    if len(stats.tenants) > 1 or stats.other_tenant_count:
         print("tenants:")
         for tenant in stats.tenants:
             print(f"  {tenant.tenant or '(none)':<20} {tenant.totals.requests:>6}  cost {tenant.totals.cost_usd} USD")
+        if stats.other_tenant_count:
+            others = stats.other_tenant_totals
+            print(
+                f"  ... and {stats.other_tenant_count} other tenants: {others.requests} requests, "
+                f"cost {others.cost_usd} USD"
+            )
     return 0
 
 

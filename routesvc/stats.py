@@ -4,7 +4,8 @@ Every finished Complete RPC adds one ``RequestOutcome``: the model that answered
 request cost (every upstream attempt, estimated usage included for interrupted ones), what the
 same usage would have cost on the baseline model, the decision's estimates, latency, time to
 first chunk, escalations, fallbacks and the cascade's verdict. ``RoutingStats.summary`` folds
-the outcomes of a window (optionally of one tenant) into totals, per-model and per-tenant rows.
+the outcomes of a window (optionally of one tenant) into totals, per-model and per-tenant rows
+(at most ``MAX_TENANT_ROWS`` of those; the other tenants are summed together).
 A classifier call a Complete left (cut by its deadline) and that was charged after the request
 was folded in (``add_late_charge``) adds its cost to the request's model and tenant, as the
 ledger has it. Feedback scores (``add_feedback``) are averaged per model over the same window. Savings are
@@ -14,6 +15,7 @@ ledger has it. Feedback scores (``add_feedback``) are averaged per model over th
 from __future__ import annotations
 
 import asyncio
+import heapq
 import math
 import time
 from collections import deque
@@ -22,6 +24,12 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 _ZERO = Decimal(0)
+
+# Per-tenant rows a summary lists at most: the tenants with the most cost (then requests). With
+# auth off a request names any tenant of up to 1,024 characters, so an uncapped list of a window
+# of a few thousand tenants passed gRPC's 4 MiB message limit and GetStats() failed
+# RESOURCE_EXHAUSTED for the window's length; 1,000 rows of the longest names are ~1.2 MB.
+MAX_TENANT_ROWS = 1_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +155,9 @@ class StatsSummary:
     latency: Percentiles
     time_to_first_chunk: Percentiles
     models: tuple[ModelRow, ...]
-    tenants: tuple[TenantRow, ...]
+    tenants: tuple[TenantRow, ...]  # by tenant id; at most MAX_TENANT_ROWS
+    other_tenants: int  # tenants of the window left out of ``tenants``
+    other_tenant_totals: Totals  # theirs together: ``tenants`` plus these are ``totals``
 
     @property
     def escalation_rate(self) -> float:
@@ -305,6 +315,14 @@ class _Sums:
         self.estimated_baseline_cost_usd += other.estimated_baseline_cost_usd
         self.errors += other.errors
 
+    def subtract(self, other: _Sums) -> None:
+        self.requests -= other.requests
+        self.cost_usd -= other.cost_usd
+        self.baseline_cost_usd -= other.baseline_cost_usd
+        self.estimated_cost_usd -= other.estimated_cost_usd
+        self.estimated_baseline_cost_usd -= other.estimated_baseline_cost_usd
+        self.errors -= other.errors
+
     def totals(self) -> Totals:
         return Totals(
             self.requests,
@@ -394,6 +412,7 @@ class _Fold:
         total = _Sums()
         for row in self._models.values():
             total.merge(row)
+        kept, others = self._kept_tenants(total)
         scores, released = self._scores, self._released_scores
         return StatsSummary(
             window_seconds=self._window,
@@ -420,5 +439,25 @@ class _Fold:
                 )
                 for model, row in sorted(self._models.items(), key=lambda item: (-item[1].requests, item[0]))
             ),
-            tenants=tuple(TenantRow(name, row.totals()) for name, row in sorted(self._tenants.items())),
+            tenants=tuple(TenantRow(name, row.totals()) for name, row in sorted(kept)),
+            other_tenants=len(self._tenants) - len(kept),
+            other_tenant_totals=others.totals(),
         )
+
+    def _kept_tenants(self, total: _Sums) -> tuple[list[tuple[str, _Sums]], _Sums]:
+        """The ``MAX_TENANT_ROWS`` tenants with the most cost, then requests (then the lowest id),
+        and the sums of the others."""
+        if len(self._tenants) <= MAX_TENANT_ROWS:
+            return list(self._tenants.items()), _Sums()
+        kept = heapq.nsmallest(
+            MAX_TENANT_ROWS,
+            self._tenants.items(),
+            key=lambda item: (-item[1].cost_usd, -item[1].requests, item[0]),
+        )
+        # Every outcome and late charge was added to one model row and one tenant row, so the
+        # others are the total less the kept rows (exact: Decimal), in O(kept), not O(tenants).
+        others = _Sums()
+        others.merge(total)
+        for _, row in kept:
+            others.subtract(row)
+        return kept, others

@@ -849,6 +849,8 @@ def stats_message(summary: StatsSummary) -> pb.GetStatsResponse:
         cascade_release_rate=summary.cascade_release_rate,
         latency=_percentiles(summary.latency),
         time_to_first_token=_percentiles(summary.time_to_first_chunk),
+        other_tenant_count=summary.other_tenants,
+        other_tenant_totals=_cost_totals(summary.other_tenant_totals),
     )
     if summary.mean_released_score is not None:
         response.mean_released_score = summary.mean_released_score

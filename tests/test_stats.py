@@ -162,6 +162,20 @@ async def _mixed_workload(observed: Observed, fake: FakeProvider) -> None:
             pass
 
 
+def _fill_with_tenants(observed: Observed, count: int, name_chars: int = 5) -> None:
+    """``count`` tenants ``t0000``... (padded with ``x`` to ``name_chars``), the i-th costing i USD in
+    one request, but for ``t0199``: two requests of 100 USD, as much as ``t0200`` and more requests."""
+    stats = observed.server.telemetry.stats
+    now = time.monotonic()
+    for i in range(count):
+        tenant = f"t{i:04d}".ljust(name_chars, "x")
+        if i == 199:
+            stats.add(_outcome(now, tenant=tenant, cost="100"))
+            stats.add(_outcome(now, tenant=tenant, cost="100"))
+        else:
+            stats.add(_outcome(now, tenant=tenant, cost=str(i)))
+
+
 @pytest.fixture
 async def observed(fake: FakeProvider) -> Observed:  # type: ignore[misc]
     async with observed_server(fake) as running:
@@ -255,6 +269,47 @@ class TestAFullWindow:
             await impatient
 
 
+class TestManyTenants:
+    """GetStats lists at most 1,000 tenants, those with the most cost, then requests, and sums the
+    others (every tenant had a row: with a few thousand tenant names of up to 1,024 characters, as
+    any request may name with auth off, the answer passed gRPC's 4 MiB limit and GetStats() and
+    `routesvc stats` failed RESOURCE_EXHAUSTED for the rest of the window)."""
+
+    async def test_getstats_lists_the_1000_tenants_costing_most_and_counts_the_others(self, observed: Observed) -> None:
+        """With 1,200 tenants, the 1,000 with the most cost (a tie on cost goes to the one with more
+        requests) are listed by tenant id; the other 200 are counted and summed, and the rows plus
+        them make the totals."""
+        _fill_with_tenants(observed, 1_200)
+        stats = await observed.client.get_stats()
+        assert len(stats.tenants) == 1_000
+        assert [row.tenant for row in stats.tenants] == ["t0199"] + [f"t{i:04d}" for i in range(201, 1_200)]
+        assert [Decimal(row.totals.cost_usd) for row in stats.tenants[:2]] == [Decimal(200), Decimal(201)]
+        others = stats.other_tenant_totals
+        assert (stats.other_tenant_count, others.requests) == (200, 200)
+        assert Decimal(others.cost_usd) == sum(range(199)) + 200
+        assert (stats.totals.requests, Decimal(stats.totals.cost_usd)) == (1_201, sum(range(1_200)) + 1)
+        for field in ("cost_usd", "baseline_cost_usd", "savings_usd", "estimated_cost_usd"):
+            listed = sum(Decimal(getattr(row.totals, field)) for row in stats.tenants)
+            assert listed + Decimal(getattr(others, field)) == Decimal(getattr(stats.totals, field)), field
+        assert sum(row.totals.requests for row in stats.tenants) + others.requests == stats.totals.requests
+
+    async def test_getstats_answers_a_window_of_5000_tenants_of_1024_characters(self, observed: Observed) -> None:
+        """Five thousand tenant names of the longest length a request may give are answered (they
+        made a 5.4 MB message), in 1,000 rows."""
+        _fill_with_tenants(observed, 5_000, name_chars=1_024)
+        stats = await observed.client.get_stats()
+        assert (len(stats.tenants), stats.other_tenant_count) == (1_000, 4_000)
+        assert stats.ByteSize() < 1_500_000
+
+    async def test_every_tenant_is_listed_up_to_1000(self, observed: Observed) -> None:
+        """1,000 tenants are each listed, by tenant id, and none is left out."""
+        _fill_with_tenants(observed, 1_000)
+        stats = await observed.client.get_stats()
+        assert [row.tenant for row in stats.tenants] == [f"t{i:04d}" for i in range(1_000)]
+        assert (stats.other_tenant_count, stats.other_tenant_totals.requests) == (0, 0)
+        assert Decimal(stats.other_tenant_totals.cost_usd) == 0
+
+
 class TestTheLongestWindow:
     """telemetry.stats_window_seconds is answered as a google.protobuf.Duration: 1e20 was
     accepted, and every GetStats then failed INTERNAL."""
@@ -311,6 +366,24 @@ class TestStatsCommand:
         text = out.decode()
         assert f"savings:        {BASELINE - COST} USD" in text
         assert "gpt-4o-mini" in text
+
+    async def test_routesvc_stats_lists_1000_tenants_and_a_line_for_the_others(self, observed: Observed) -> None:
+        """With 5,000 tenants of 1,024-character names in the window, `routesvc stats` prints the
+        1,000 costing most and one line counting and summing the others (it failed
+        RESOURCE_EXHAUSTED)."""
+        _fill_with_tenants(observed, 5_000, name_chars=1_024)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "routesvc", "stats", "--target", observed.server.target,
+            cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == 0, err.decode()[-500:]
+        lines = out.decode().splitlines()
+        tenant_lines = [line for line in lines if line.startswith("  t")]
+        assert len(tenant_lines) == 1_000
+        assert (tenant_lines[0][:8], tenant_lines[-1][:8]) == ("  t4000x", "  t4999x")
+        others_cost = sum(range(4_000)) + 1  # t0000 to t3999 (t0199: 200 USD, in two requests)
+        assert lines[-1] == f"  ... and 4000 other tenants: 4001 requests, cost {others_cost} USD"
 
 
 class TestTenantScope:

@@ -1894,6 +1894,8 @@ class GetStatsResponse(_message.Message):
     MEAN_RELEASED_SCORE_FIELD_NUMBER: _builtins.int
     LATENCY_FIELD_NUMBER: _builtins.int
     TIME_TO_FIRST_TOKEN_FIELD_NUMBER: _builtins.int
+    OTHER_TENANT_COUNT_FIELD_NUMBER: _builtins.int
+    OTHER_TENANT_TOTALS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """The tenant reported on; empty means every tenant."""
     baseline_model: _builtins.str
@@ -1913,6 +1915,10 @@ class GetStatsResponse(_message.Message):
     """Fraction of cascade decisions that released the cheap answer, in [0, 1]."""
     mean_released_score: _builtins.float
     """Mean quality score of released cheap answers; unset when none was scored."""
+    other_tenant_count: _builtins.int
+    """Tenants of the window left out of `tenants` (beyond its 1,000 rows); 0 when every tenant
+    has a row.
+    """
     @_builtins.property
     def window(self) -> _duration_pb2.Duration:
         """The window reported on."""
@@ -1927,7 +1933,11 @@ class GetStatsResponse(_message.Message):
 
     @_builtins.property
     def tenants(self) -> _containers.RepeatedCompositeFieldContainer[Global___TenantStats]:
-        """Per tenant, by tenant id."""
+        """Per tenant, by tenant id. At most 1,000 rows (so the answer stays far below gRPC's 4 MiB
+        default message limit however many tenants the window holds): those of the tenants with the
+        most cost, then the most requests, then the lowest tenant id; the others are counted
+        together in other_tenant_count and other_tenant_totals.
+        """
 
     @_builtins.property
     def latency(self) -> Global___LatencyPercentiles:
@@ -1936,6 +1946,12 @@ class GetStatsResponse(_message.Message):
     @_builtins.property
     def time_to_first_token(self) -> Global___LatencyPercentiles:
         """From the call's arrival to the first text chunk, for requests that produced one."""
+
+    @_builtins.property
+    def other_tenant_totals(self) -> Global___CostTotals:
+        """Requests, cost and savings of the tenants left out of `tenants`, together (all zero when
+        none was): the `tenants` rows plus these add up to `totals`.
+        """
 
     def __init__(
         self,
@@ -1954,10 +1970,12 @@ class GetStatsResponse(_message.Message):
         mean_released_score: _builtins.float | None = ...,
         latency: Global___LatencyPercentiles | None = ...,
         time_to_first_token: Global___LatencyPercentiles | None = ...,
+        other_tenant_count: _builtins.int = ...,
+        other_tenant_totals: Global___CostTotals | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_mean_released_score", b"_mean_released_score", "latency", b"latency", "mean_released_score", b"mean_released_score", "time_to_first_token", b"time_to_first_token", "totals", b"totals", "window", b"window"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_mean_released_score", b"_mean_released_score", "latency", b"latency", "mean_released_score", b"mean_released_score", "other_tenant_totals", b"other_tenant_totals", "time_to_first_token", b"time_to_first_token", "totals", b"totals", "window", b"window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_mean_released_score", b"_mean_released_score", "baseline_model", b"baseline_model", "cascade_decisions", b"cascade_decisions", "cascade_release_rate", b"cascade_release_rate", "escalation_rate", b"escalation_rate", "escalations", b"escalations", "fallbacks", b"fallbacks", "latency", b"latency", "mean_released_score", b"mean_released_score", "models", b"models", "tenant", b"tenant", "tenants", b"tenants", "time_to_first_token", b"time_to_first_token", "totals", b"totals", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_mean_released_score", b"_mean_released_score", "baseline_model", b"baseline_model", "cascade_decisions", b"cascade_decisions", "cascade_release_rate", b"cascade_release_rate", "escalation_rate", b"escalation_rate", "escalations", b"escalations", "fallbacks", b"fallbacks", "latency", b"latency", "mean_released_score", b"mean_released_score", "models", b"models", "other_tenant_count", b"other_tenant_count", "other_tenant_totals", b"other_tenant_totals", "tenant", b"tenant", "tenants", b"tenants", "time_to_first_token", b"time_to_first_token", "totals", b"totals", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__mean_released_score: _TypeAlias = _typing.Literal["mean_released_score"]  # noqa: Y015
     _WhichOneofArgType__mean_released_score: _TypeAlias = _typing.Literal["_mean_released_score", b"_mean_released_score"]  # noqa: Y015

@@ -3509,7 +3509,10 @@ type GetStatsResponse struct {
 	Totals *CostTotals `protobuf:"bytes,4,opt,name=totals,proto3" json:"totals,omitempty"`
 	// Per model, most requests first.
 	Models []*ModelStats `protobuf:"bytes,5,rep,name=models,proto3" json:"models,omitempty"`
-	// Per tenant, by tenant id.
+	// Per tenant, by tenant id. At most 1,000 rows (so the answer stays far below gRPC's 4 MiB
+	// default message limit however many tenants the window holds): those of the tenants with the
+	// most cost, then the most requests, then the lowest tenant id; the others are counted
+	// together in other_tenant_count and other_tenant_totals.
 	Tenants []*TenantStats `protobuf:"bytes,6,rep,name=tenants,proto3" json:"tenants,omitempty"`
 	// Escalations to a stronger model, counted once per escalation.
 	Escalations int64 `protobuf:"varint,7,opt,name=escalations,proto3" json:"escalations,omitempty"`
@@ -3527,8 +3530,14 @@ type GetStatsResponse struct {
 	Latency *LatencyPercentiles `protobuf:"bytes,13,opt,name=latency,proto3" json:"latency,omitempty"`
 	// From the call's arrival to the first text chunk, for requests that produced one.
 	TimeToFirstToken *LatencyPercentiles `protobuf:"bytes,14,opt,name=time_to_first_token,json=timeToFirstToken,proto3" json:"time_to_first_token,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// Tenants of the window left out of `tenants` (beyond its 1,000 rows); 0 when every tenant
+	// has a row.
+	OtherTenantCount int64 `protobuf:"varint,15,opt,name=other_tenant_count,json=otherTenantCount,proto3" json:"other_tenant_count,omitempty"`
+	// Requests, cost and savings of the tenants left out of `tenants`, together (all zero when
+	// none was): the `tenants` rows plus these add up to `totals`.
+	OtherTenantTotals *CostTotals `protobuf:"bytes,16,opt,name=other_tenant_totals,json=otherTenantTotals,proto3" json:"other_tenant_totals,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *GetStatsResponse) Reset() {
@@ -3655,6 +3664,20 @@ func (x *GetStatsResponse) GetLatency() *LatencyPercentiles {
 func (x *GetStatsResponse) GetTimeToFirstToken() *LatencyPercentiles {
 	if x != nil {
 		return x.TimeToFirstToken
+	}
+	return nil
+}
+
+func (x *GetStatsResponse) GetOtherTenantCount() int64 {
+	if x != nil {
+		return x.OtherTenantCount
+	}
+	return 0
+}
+
+func (x *GetStatsResponse) GetOtherTenantTotals() *CostTotals {
+	if x != nil {
+		return x.OtherTenantTotals
 	}
 	return nil
 }
@@ -4068,7 +4091,7 @@ const file_routesvc_v1_router_proto_rawDesc = "" +
 	"\x12LatencyPercentiles\x12+\n" +
 	"\x03p50\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x03p50\x12+\n" +
 	"\x03p95\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x03p95\x12+\n" +
-	"\x03p99\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\x03p99\"\xba\x05\n" +
+	"\x03p99\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\x03p99\"\xb1\x06\n" +
 	"\x10GetStatsResponse\x121\n" +
 	"\x06window\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x06window\x12\x16\n" +
 	"\x06tenant\x18\x02 \x01(\tR\x06tenant\x12%\n" +
@@ -4084,7 +4107,9 @@ const file_routesvc_v1_router_proto_rawDesc = "" +
 	"\x14cascade_release_rate\x18\v \x01(\x01R\x12cascadeReleaseRate\x123\n" +
 	"\x13mean_released_score\x18\f \x01(\x01H\x00R\x11meanReleasedScore\x88\x01\x01\x129\n" +
 	"\alatency\x18\r \x01(\v2\x1f.routesvc.v1.LatencyPercentilesR\alatency\x12N\n" +
-	"\x13time_to_first_token\x18\x0e \x01(\v2\x1f.routesvc.v1.LatencyPercentilesR\x10timeToFirstTokenB\x16\n" +
+	"\x13time_to_first_token\x18\x0e \x01(\v2\x1f.routesvc.v1.LatencyPercentilesR\x10timeToFirstToken\x12,\n" +
+	"\x12other_tenant_count\x18\x0f \x01(\x03R\x10otherTenantCount\x12G\n" +
+	"\x13other_tenant_totals\x18\x10 \x01(\v2\x17.routesvc.v1.CostTotalsR\x11otherTenantTotalsB\x16\n" +
 	"\x14_mean_released_score\"t\n" +
 	"\x0fFeedbackRequest\x12\x1f\n" +
 	"\vdecision_id\x18\x01 \x01(\tR\n" +
@@ -4287,25 +4312,26 @@ var file_routesvc_v1_router_proto_depIdxs = []int32{
 	42, // 55: routesvc.v1.GetStatsResponse.tenants:type_name -> routesvc.v1.TenantStats
 	43, // 56: routesvc.v1.GetStatsResponse.latency:type_name -> routesvc.v1.LatencyPercentiles
 	43, // 57: routesvc.v1.GetStatsResponse.time_to_first_token:type_name -> routesvc.v1.LatencyPercentiles
-	18, // 58: routesvc.v1.RouterService.Route:input_type -> routesvc.v1.RouteRequest
-	22, // 59: routesvc.v1.RouterService.Complete:input_type -> routesvc.v1.CompleteRequest
-	36, // 60: routesvc.v1.RouterService.ListModels:input_type -> routesvc.v1.ListModelsRequest
-	39, // 61: routesvc.v1.RouterService.GetStats:input_type -> routesvc.v1.GetStatsRequest
-	31, // 62: routesvc.v1.RouterService.GetBatch:input_type -> routesvc.v1.GetBatchRequest
-	33, // 63: routesvc.v1.RouterService.CancelBatch:input_type -> routesvc.v1.CancelBatchRequest
-	45, // 64: routesvc.v1.RouterService.Feedback:input_type -> routesvc.v1.FeedbackRequest
-	21, // 65: routesvc.v1.RouterService.Route:output_type -> routesvc.v1.RouteResponse
-	35, // 66: routesvc.v1.RouterService.Complete:output_type -> routesvc.v1.CompleteResponse
-	38, // 67: routesvc.v1.RouterService.ListModels:output_type -> routesvc.v1.ListModelsResponse
-	44, // 68: routesvc.v1.RouterService.GetStats:output_type -> routesvc.v1.GetStatsResponse
-	32, // 69: routesvc.v1.RouterService.GetBatch:output_type -> routesvc.v1.GetBatchResponse
-	34, // 70: routesvc.v1.RouterService.CancelBatch:output_type -> routesvc.v1.CancelBatchResponse
-	46, // 71: routesvc.v1.RouterService.Feedback:output_type -> routesvc.v1.FeedbackResponse
-	65, // [65:72] is the sub-list for method output_type
-	58, // [58:65] is the sub-list for method input_type
-	58, // [58:58] is the sub-list for extension type_name
-	58, // [58:58] is the sub-list for extension extendee
-	0,  // [0:58] is the sub-list for field type_name
+	40, // 58: routesvc.v1.GetStatsResponse.other_tenant_totals:type_name -> routesvc.v1.CostTotals
+	18, // 59: routesvc.v1.RouterService.Route:input_type -> routesvc.v1.RouteRequest
+	22, // 60: routesvc.v1.RouterService.Complete:input_type -> routesvc.v1.CompleteRequest
+	36, // 61: routesvc.v1.RouterService.ListModels:input_type -> routesvc.v1.ListModelsRequest
+	39, // 62: routesvc.v1.RouterService.GetStats:input_type -> routesvc.v1.GetStatsRequest
+	31, // 63: routesvc.v1.RouterService.GetBatch:input_type -> routesvc.v1.GetBatchRequest
+	33, // 64: routesvc.v1.RouterService.CancelBatch:input_type -> routesvc.v1.CancelBatchRequest
+	45, // 65: routesvc.v1.RouterService.Feedback:input_type -> routesvc.v1.FeedbackRequest
+	21, // 66: routesvc.v1.RouterService.Route:output_type -> routesvc.v1.RouteResponse
+	35, // 67: routesvc.v1.RouterService.Complete:output_type -> routesvc.v1.CompleteResponse
+	38, // 68: routesvc.v1.RouterService.ListModels:output_type -> routesvc.v1.ListModelsResponse
+	44, // 69: routesvc.v1.RouterService.GetStats:output_type -> routesvc.v1.GetStatsResponse
+	32, // 70: routesvc.v1.RouterService.GetBatch:output_type -> routesvc.v1.GetBatchResponse
+	34, // 71: routesvc.v1.RouterService.CancelBatch:output_type -> routesvc.v1.CancelBatchResponse
+	46, // 72: routesvc.v1.RouterService.Feedback:output_type -> routesvc.v1.FeedbackResponse
+	66, // [66:73] is the sub-list for method output_type
+	59, // [59:66] is the sub-list for method input_type
+	59, // [59:59] is the sub-list for extension type_name
+	59, // [59:59] is the sub-list for extension extendee
+	0,  // [0:59] is the sub-list for field type_name
 }
 
 func init() { file_routesvc_v1_router_proto_init() }

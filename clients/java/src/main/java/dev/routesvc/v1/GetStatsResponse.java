@@ -288,7 +288,10 @@ private static final long serialVersionUID = 0L;
   private java.util.List<dev.routesvc.v1.TenantStats> tenants_;
   /**
    * <pre>
-   * Per tenant, by tenant id.
+   * Per tenant, by tenant id. At most 1,000 rows (so the answer stays far below gRPC's 4 MiB
+   * default message limit however many tenants the window holds): those of the tenants with the
+   * most cost, then the most requests, then the lowest tenant id; the others are counted
+   * together in other_tenant_count and other_tenant_totals.
    * </pre>
    *
    * <code>repeated .routesvc.v1.TenantStats tenants = 6 [json_name = "tenants"];</code>
@@ -299,7 +302,10 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * Per tenant, by tenant id.
+   * Per tenant, by tenant id. At most 1,000 rows (so the answer stays far below gRPC's 4 MiB
+   * default message limit however many tenants the window holds): those of the tenants with the
+   * most cost, then the most requests, then the lowest tenant id; the others are counted
+   * together in other_tenant_count and other_tenant_totals.
    * </pre>
    *
    * <code>repeated .routesvc.v1.TenantStats tenants = 6 [json_name = "tenants"];</code>
@@ -311,7 +317,10 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * Per tenant, by tenant id.
+   * Per tenant, by tenant id. At most 1,000 rows (so the answer stays far below gRPC's 4 MiB
+   * default message limit however many tenants the window holds): those of the tenants with the
+   * most cost, then the most requests, then the lowest tenant id; the others are counted
+   * together in other_tenant_count and other_tenant_totals.
    * </pre>
    *
    * <code>repeated .routesvc.v1.TenantStats tenants = 6 [json_name = "tenants"];</code>
@@ -322,7 +331,10 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * Per tenant, by tenant id.
+   * Per tenant, by tenant id. At most 1,000 rows (so the answer stays far below gRPC's 4 MiB
+   * default message limit however many tenants the window holds): those of the tenants with the
+   * most cost, then the most requests, then the lowest tenant id; the others are counted
+   * together in other_tenant_count and other_tenant_totals.
    * </pre>
    *
    * <code>repeated .routesvc.v1.TenantStats tenants = 6 [json_name = "tenants"];</code>
@@ -333,7 +345,10 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * Per tenant, by tenant id.
+   * Per tenant, by tenant id. At most 1,000 rows (so the answer stays far below gRPC's 4 MiB
+   * default message limit however many tenants the window holds): those of the tenants with the
+   * most cost, then the most requests, then the lowest tenant id; the others are counted
+   * together in other_tenant_count and other_tenant_totals.
    * </pre>
    *
    * <code>repeated .routesvc.v1.TenantStats tenants = 6 [json_name = "tenants"];</code>
@@ -522,6 +537,63 @@ private static final long serialVersionUID = 0L;
     return timeToFirstToken_ == null ? dev.routesvc.v1.LatencyPercentiles.getDefaultInstance() : timeToFirstToken_;
   }
 
+  public static final int OTHER_TENANT_COUNT_FIELD_NUMBER = 15;
+  private long otherTenantCount_ = 0L;
+  /**
+   * <pre>
+   * Tenants of the window left out of `tenants` (beyond its 1,000 rows); 0 when every tenant
+   * has a row.
+   * </pre>
+   *
+   * <code>int64 other_tenant_count = 15 [json_name = "otherTenantCount"];</code>
+   * @return The otherTenantCount.
+   */
+  @java.lang.Override
+  public long getOtherTenantCount() {
+    return otherTenantCount_;
+  }
+
+  public static final int OTHER_TENANT_TOTALS_FIELD_NUMBER = 16;
+  private dev.routesvc.v1.CostTotals otherTenantTotals_;
+  /**
+   * <pre>
+   * Requests, cost and savings of the tenants left out of `tenants`, together (all zero when
+   * none was): the `tenants` rows plus these add up to `totals`.
+   * </pre>
+   *
+   * <code>.routesvc.v1.CostTotals other_tenant_totals = 16 [json_name = "otherTenantTotals"];</code>
+   * @return Whether the otherTenantTotals field is set.
+   */
+  @java.lang.Override
+  public boolean hasOtherTenantTotals() {
+    return ((bitField0_ & 0x00000020) != 0);
+  }
+  /**
+   * <pre>
+   * Requests, cost and savings of the tenants left out of `tenants`, together (all zero when
+   * none was): the `tenants` rows plus these add up to `totals`.
+   * </pre>
+   *
+   * <code>.routesvc.v1.CostTotals other_tenant_totals = 16 [json_name = "otherTenantTotals"];</code>
+   * @return The otherTenantTotals.
+   */
+  @java.lang.Override
+  public dev.routesvc.v1.CostTotals getOtherTenantTotals() {
+    return otherTenantTotals_ == null ? dev.routesvc.v1.CostTotals.getDefaultInstance() : otherTenantTotals_;
+  }
+  /**
+   * <pre>
+   * Requests, cost and savings of the tenants left out of `tenants`, together (all zero when
+   * none was): the `tenants` rows plus these add up to `totals`.
+   * </pre>
+   *
+   * <code>.routesvc.v1.CostTotals other_tenant_totals = 16 [json_name = "otherTenantTotals"];</code>
+   */
+  @java.lang.Override
+  public dev.routesvc.v1.CostTotalsOrBuilder getOtherTenantTotalsOrBuilder() {
+    return otherTenantTotals_ == null ? dev.routesvc.v1.CostTotals.getDefaultInstance() : otherTenantTotals_;
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -577,6 +649,12 @@ private static final long serialVersionUID = 0L;
     }
     if (((bitField0_ & 0x00000010) != 0)) {
       output.writeMessage(14, getTimeToFirstToken());
+    }
+    if (otherTenantCount_ != 0L) {
+      output.writeInt64(15, otherTenantCount_);
+    }
+    if (((bitField0_ & 0x00000020) != 0)) {
+      output.writeMessage(16, getOtherTenantTotals());
     }
     getUnknownFields().writeTo(output);
   }
@@ -641,6 +719,14 @@ private static final long serialVersionUID = 0L;
       size += com.google.protobuf.CodedOutputStream
         .computeMessageSize(14, getTimeToFirstToken());
     }
+    if (otherTenantCount_ != 0L) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeInt64Size(15, otherTenantCount_);
+    }
+    if (((bitField0_ & 0x00000020) != 0)) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeMessageSize(16, getOtherTenantTotals());
+    }
     size += getUnknownFields().getSerializedSize();
     memoizedSize = size;
     return size;
@@ -702,6 +788,13 @@ private static final long serialVersionUID = 0L;
       if (!getTimeToFirstToken()
           .equals(other.getTimeToFirstToken())) return false;
     }
+    if (getOtherTenantCount()
+        != other.getOtherTenantCount()) return false;
+    if (hasOtherTenantTotals() != other.hasOtherTenantTotals()) return false;
+    if (hasOtherTenantTotals()) {
+      if (!getOtherTenantTotals()
+          .equals(other.getOtherTenantTotals())) return false;
+    }
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -760,6 +853,13 @@ private static final long serialVersionUID = 0L;
     if (hasTimeToFirstToken()) {
       hash = (37 * hash) + TIME_TO_FIRST_TOKEN_FIELD_NUMBER;
       hash = (53 * hash) + getTimeToFirstToken().hashCode();
+    }
+    hash = (37 * hash) + OTHER_TENANT_COUNT_FIELD_NUMBER;
+    hash = (53 * hash) + com.google.protobuf.Internal.hashLong(
+        getOtherTenantCount());
+    if (hasOtherTenantTotals()) {
+      hash = (37 * hash) + OTHER_TENANT_TOTALS_FIELD_NUMBER;
+      hash = (53 * hash) + getOtherTenantTotals().hashCode();
     }
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
@@ -901,6 +1001,7 @@ private static final long serialVersionUID = 0L;
         getTenantsFieldBuilder();
         getLatencyFieldBuilder();
         getTimeToFirstTokenFieldBuilder();
+        getOtherTenantTotalsFieldBuilder();
       }
     }
     @java.lang.Override
@@ -948,6 +1049,12 @@ private static final long serialVersionUID = 0L;
       if (timeToFirstTokenBuilder_ != null) {
         timeToFirstTokenBuilder_.dispose();
         timeToFirstTokenBuilder_ = null;
+      }
+      otherTenantCount_ = 0L;
+      otherTenantTotals_ = null;
+      if (otherTenantTotalsBuilder_ != null) {
+        otherTenantTotalsBuilder_.dispose();
+        otherTenantTotalsBuilder_ = null;
       }
       return this;
     }
@@ -1053,6 +1160,15 @@ private static final long serialVersionUID = 0L;
             ? timeToFirstToken_
             : timeToFirstTokenBuilder_.build();
         to_bitField0_ |= 0x00000010;
+      }
+      if (((from_bitField0_ & 0x00004000) != 0)) {
+        result.otherTenantCount_ = otherTenantCount_;
+      }
+      if (((from_bitField0_ & 0x00008000) != 0)) {
+        result.otherTenantTotals_ = otherTenantTotalsBuilder_ == null
+            ? otherTenantTotals_
+            : otherTenantTotalsBuilder_.build();
+        to_bitField0_ |= 0x00000020;
       }
       result.bitField0_ |= to_bitField0_;
     }
@@ -1193,6 +1309,12 @@ private static final long serialVersionUID = 0L;
       if (other.hasTimeToFirstToken()) {
         mergeTimeToFirstToken(other.getTimeToFirstToken());
       }
+      if (other.getOtherTenantCount() != 0L) {
+        setOtherTenantCount(other.getOtherTenantCount());
+      }
+      if (other.hasOtherTenantTotals()) {
+        mergeOtherTenantTotals(other.getOtherTenantTotals());
+      }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
       return this;
@@ -1313,6 +1435,18 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00002000;
               break;
             } // case 114
+            case 120: {
+              otherTenantCount_ = input.readInt64();
+              bitField0_ |= 0x00004000;
+              break;
+            } // case 120
+            case 130: {
+              input.readMessage(
+                  getOtherTenantTotalsFieldBuilder().getBuilder(),
+                  extensionRegistry);
+              bitField0_ |= 0x00008000;
+              break;
+            } // case 130
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -2164,7 +2298,10 @@ private static final long serialVersionUID = 0L;
 
     /**
      * <pre>
-     * Per tenant, by tenant id.
+     * Per tenant, by tenant id. At most 1,000 rows (so the answer stays far below gRPC's 4 MiB
+     * default message limit however many tenants the window holds): those of the tenants with the
+     * most cost, then the most requests, then the lowest tenant id; the others are counted
+     * together in other_tenant_count and other_tenant_totals.
      * </pre>
      *
      * <code>repeated .routesvc.v1.TenantStats tenants = 6 [json_name = "tenants"];</code>
@@ -2178,7 +2315,10 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Per tenant, by tenant id.
+     * Per tenant, by tenant id. At most 1,000 rows (so the answer stays far below gRPC's 4 MiB
+     * default message limit however many tenants the window holds): those of the tenants with the
+     * most cost, then the most requests, then the lowest tenant id; the others are counted
+     * together in other_tenant_count and other_tenant_totals.
      * </pre>
      *
      * <code>repeated .routesvc.v1.TenantStats tenants = 6 [json_name = "tenants"];</code>
@@ -2192,7 +2332,10 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Per tenant, by tenant id.
+     * Per tenant, by tenant id. At most 1,000 rows (so the answer stays far below gRPC's 4 MiB
+     * default message limit however many tenants the window holds): those of the tenants with the
+     * most cost, then the most requests, then the lowest tenant id; the others are counted
+     * together in other_tenant_count and other_tenant_totals.
      * </pre>
      *
      * <code>repeated .routesvc.v1.TenantStats tenants = 6 [json_name = "tenants"];</code>
@@ -2206,7 +2349,10 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Per tenant, by tenant id.
+     * Per tenant, by tenant id. At most 1,000 rows (so the answer stays far below gRPC's 4 MiB
+     * default message limit however many tenants the window holds): those of the tenants with the
+     * most cost, then the most requests, then the lowest tenant id; the others are counted
+     * together in other_tenant_count and other_tenant_totals.
      * </pre>
      *
      * <code>repeated .routesvc.v1.TenantStats tenants = 6 [json_name = "tenants"];</code>
@@ -2227,7 +2373,10 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Per tenant, by tenant id.
+     * Per tenant, by tenant id. At most 1,000 rows (so the answer stays far below gRPC's 4 MiB
+     * default message limit however many tenants the window holds): those of the tenants with the
+     * most cost, then the most requests, then the lowest tenant id; the others are counted
+     * together in other_tenant_count and other_tenant_totals.
      * </pre>
      *
      * <code>repeated .routesvc.v1.TenantStats tenants = 6 [json_name = "tenants"];</code>
@@ -2245,7 +2394,10 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Per tenant, by tenant id.
+     * Per tenant, by tenant id. At most 1,000 rows (so the answer stays far below gRPC's 4 MiB
+     * default message limit however many tenants the window holds): those of the tenants with the
+     * most cost, then the most requests, then the lowest tenant id; the others are counted
+     * together in other_tenant_count and other_tenant_totals.
      * </pre>
      *
      * <code>repeated .routesvc.v1.TenantStats tenants = 6 [json_name = "tenants"];</code>
@@ -2265,7 +2417,10 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Per tenant, by tenant id.
+     * Per tenant, by tenant id. At most 1,000 rows (so the answer stays far below gRPC's 4 MiB
+     * default message limit however many tenants the window holds): those of the tenants with the
+     * most cost, then the most requests, then the lowest tenant id; the others are counted
+     * together in other_tenant_count and other_tenant_totals.
      * </pre>
      *
      * <code>repeated .routesvc.v1.TenantStats tenants = 6 [json_name = "tenants"];</code>
@@ -2286,7 +2441,10 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Per tenant, by tenant id.
+     * Per tenant, by tenant id. At most 1,000 rows (so the answer stays far below gRPC's 4 MiB
+     * default message limit however many tenants the window holds): those of the tenants with the
+     * most cost, then the most requests, then the lowest tenant id; the others are counted
+     * together in other_tenant_count and other_tenant_totals.
      * </pre>
      *
      * <code>repeated .routesvc.v1.TenantStats tenants = 6 [json_name = "tenants"];</code>
@@ -2304,7 +2462,10 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Per tenant, by tenant id.
+     * Per tenant, by tenant id. At most 1,000 rows (so the answer stays far below gRPC's 4 MiB
+     * default message limit however many tenants the window holds): those of the tenants with the
+     * most cost, then the most requests, then the lowest tenant id; the others are counted
+     * together in other_tenant_count and other_tenant_totals.
      * </pre>
      *
      * <code>repeated .routesvc.v1.TenantStats tenants = 6 [json_name = "tenants"];</code>
@@ -2322,7 +2483,10 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Per tenant, by tenant id.
+     * Per tenant, by tenant id. At most 1,000 rows (so the answer stays far below gRPC's 4 MiB
+     * default message limit however many tenants the window holds): those of the tenants with the
+     * most cost, then the most requests, then the lowest tenant id; the others are counted
+     * together in other_tenant_count and other_tenant_totals.
      * </pre>
      *
      * <code>repeated .routesvc.v1.TenantStats tenants = 6 [json_name = "tenants"];</code>
@@ -2341,7 +2505,10 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Per tenant, by tenant id.
+     * Per tenant, by tenant id. At most 1,000 rows (so the answer stays far below gRPC's 4 MiB
+     * default message limit however many tenants the window holds): those of the tenants with the
+     * most cost, then the most requests, then the lowest tenant id; the others are counted
+     * together in other_tenant_count and other_tenant_totals.
      * </pre>
      *
      * <code>repeated .routesvc.v1.TenantStats tenants = 6 [json_name = "tenants"];</code>
@@ -2358,7 +2525,10 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Per tenant, by tenant id.
+     * Per tenant, by tenant id. At most 1,000 rows (so the answer stays far below gRPC's 4 MiB
+     * default message limit however many tenants the window holds): those of the tenants with the
+     * most cost, then the most requests, then the lowest tenant id; the others are counted
+     * together in other_tenant_count and other_tenant_totals.
      * </pre>
      *
      * <code>repeated .routesvc.v1.TenantStats tenants = 6 [json_name = "tenants"];</code>
@@ -2375,7 +2545,10 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Per tenant, by tenant id.
+     * Per tenant, by tenant id. At most 1,000 rows (so the answer stays far below gRPC's 4 MiB
+     * default message limit however many tenants the window holds): those of the tenants with the
+     * most cost, then the most requests, then the lowest tenant id; the others are counted
+     * together in other_tenant_count and other_tenant_totals.
      * </pre>
      *
      * <code>repeated .routesvc.v1.TenantStats tenants = 6 [json_name = "tenants"];</code>
@@ -2386,7 +2559,10 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Per tenant, by tenant id.
+     * Per tenant, by tenant id. At most 1,000 rows (so the answer stays far below gRPC's 4 MiB
+     * default message limit however many tenants the window holds): those of the tenants with the
+     * most cost, then the most requests, then the lowest tenant id; the others are counted
+     * together in other_tenant_count and other_tenant_totals.
      * </pre>
      *
      * <code>repeated .routesvc.v1.TenantStats tenants = 6 [json_name = "tenants"];</code>
@@ -2400,7 +2576,10 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Per tenant, by tenant id.
+     * Per tenant, by tenant id. At most 1,000 rows (so the answer stays far below gRPC's 4 MiB
+     * default message limit however many tenants the window holds): those of the tenants with the
+     * most cost, then the most requests, then the lowest tenant id; the others are counted
+     * together in other_tenant_count and other_tenant_totals.
      * </pre>
      *
      * <code>repeated .routesvc.v1.TenantStats tenants = 6 [json_name = "tenants"];</code>
@@ -2415,7 +2594,10 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Per tenant, by tenant id.
+     * Per tenant, by tenant id. At most 1,000 rows (so the answer stays far below gRPC's 4 MiB
+     * default message limit however many tenants the window holds): those of the tenants with the
+     * most cost, then the most requests, then the lowest tenant id; the others are counted
+     * together in other_tenant_count and other_tenant_totals.
      * </pre>
      *
      * <code>repeated .routesvc.v1.TenantStats tenants = 6 [json_name = "tenants"];</code>
@@ -2426,7 +2608,10 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Per tenant, by tenant id.
+     * Per tenant, by tenant id. At most 1,000 rows (so the answer stays far below gRPC's 4 MiB
+     * default message limit however many tenants the window holds): those of the tenants with the
+     * most cost, then the most requests, then the lowest tenant id; the others are counted
+     * together in other_tenant_count and other_tenant_totals.
      * </pre>
      *
      * <code>repeated .routesvc.v1.TenantStats tenants = 6 [json_name = "tenants"];</code>
@@ -2438,7 +2623,10 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Per tenant, by tenant id.
+     * Per tenant, by tenant id. At most 1,000 rows (so the answer stays far below gRPC's 4 MiB
+     * default message limit however many tenants the window holds): those of the tenants with the
+     * most cost, then the most requests, then the lowest tenant id; the others are counted
+     * together in other_tenant_count and other_tenant_totals.
      * </pre>
      *
      * <code>repeated .routesvc.v1.TenantStats tenants = 6 [json_name = "tenants"];</code>
@@ -3050,6 +3238,219 @@ private static final long serialVersionUID = 0L;
         timeToFirstToken_ = null;
       }
       return timeToFirstTokenBuilder_;
+    }
+
+    private long otherTenantCount_ ;
+    /**
+     * <pre>
+     * Tenants of the window left out of `tenants` (beyond its 1,000 rows); 0 when every tenant
+     * has a row.
+     * </pre>
+     *
+     * <code>int64 other_tenant_count = 15 [json_name = "otherTenantCount"];</code>
+     * @return The otherTenantCount.
+     */
+    @java.lang.Override
+    public long getOtherTenantCount() {
+      return otherTenantCount_;
+    }
+    /**
+     * <pre>
+     * Tenants of the window left out of `tenants` (beyond its 1,000 rows); 0 when every tenant
+     * has a row.
+     * </pre>
+     *
+     * <code>int64 other_tenant_count = 15 [json_name = "otherTenantCount"];</code>
+     * @param value The otherTenantCount to set.
+     * @return This builder for chaining.
+     */
+    public Builder setOtherTenantCount(long value) {
+
+      otherTenantCount_ = value;
+      bitField0_ |= 0x00004000;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Tenants of the window left out of `tenants` (beyond its 1,000 rows); 0 when every tenant
+     * has a row.
+     * </pre>
+     *
+     * <code>int64 other_tenant_count = 15 [json_name = "otherTenantCount"];</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearOtherTenantCount() {
+      bitField0_ = (bitField0_ & ~0x00004000);
+      otherTenantCount_ = 0L;
+      onChanged();
+      return this;
+    }
+
+    private dev.routesvc.v1.CostTotals otherTenantTotals_;
+    private com.google.protobuf.SingleFieldBuilderV3<
+        dev.routesvc.v1.CostTotals, dev.routesvc.v1.CostTotals.Builder, dev.routesvc.v1.CostTotalsOrBuilder> otherTenantTotalsBuilder_;
+    /**
+     * <pre>
+     * Requests, cost and savings of the tenants left out of `tenants`, together (all zero when
+     * none was): the `tenants` rows plus these add up to `totals`.
+     * </pre>
+     *
+     * <code>.routesvc.v1.CostTotals other_tenant_totals = 16 [json_name = "otherTenantTotals"];</code>
+     * @return Whether the otherTenantTotals field is set.
+     */
+    public boolean hasOtherTenantTotals() {
+      return ((bitField0_ & 0x00008000) != 0);
+    }
+    /**
+     * <pre>
+     * Requests, cost and savings of the tenants left out of `tenants`, together (all zero when
+     * none was): the `tenants` rows plus these add up to `totals`.
+     * </pre>
+     *
+     * <code>.routesvc.v1.CostTotals other_tenant_totals = 16 [json_name = "otherTenantTotals"];</code>
+     * @return The otherTenantTotals.
+     */
+    public dev.routesvc.v1.CostTotals getOtherTenantTotals() {
+      if (otherTenantTotalsBuilder_ == null) {
+        return otherTenantTotals_ == null ? dev.routesvc.v1.CostTotals.getDefaultInstance() : otherTenantTotals_;
+      } else {
+        return otherTenantTotalsBuilder_.getMessage();
+      }
+    }
+    /**
+     * <pre>
+     * Requests, cost and savings of the tenants left out of `tenants`, together (all zero when
+     * none was): the `tenants` rows plus these add up to `totals`.
+     * </pre>
+     *
+     * <code>.routesvc.v1.CostTotals other_tenant_totals = 16 [json_name = "otherTenantTotals"];</code>
+     */
+    public Builder setOtherTenantTotals(dev.routesvc.v1.CostTotals value) {
+      if (otherTenantTotalsBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        otherTenantTotals_ = value;
+      } else {
+        otherTenantTotalsBuilder_.setMessage(value);
+      }
+      bitField0_ |= 0x00008000;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Requests, cost and savings of the tenants left out of `tenants`, together (all zero when
+     * none was): the `tenants` rows plus these add up to `totals`.
+     * </pre>
+     *
+     * <code>.routesvc.v1.CostTotals other_tenant_totals = 16 [json_name = "otherTenantTotals"];</code>
+     */
+    public Builder setOtherTenantTotals(
+        dev.routesvc.v1.CostTotals.Builder builderForValue) {
+      if (otherTenantTotalsBuilder_ == null) {
+        otherTenantTotals_ = builderForValue.build();
+      } else {
+        otherTenantTotalsBuilder_.setMessage(builderForValue.build());
+      }
+      bitField0_ |= 0x00008000;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Requests, cost and savings of the tenants left out of `tenants`, together (all zero when
+     * none was): the `tenants` rows plus these add up to `totals`.
+     * </pre>
+     *
+     * <code>.routesvc.v1.CostTotals other_tenant_totals = 16 [json_name = "otherTenantTotals"];</code>
+     */
+    public Builder mergeOtherTenantTotals(dev.routesvc.v1.CostTotals value) {
+      if (otherTenantTotalsBuilder_ == null) {
+        if (((bitField0_ & 0x00008000) != 0) &&
+          otherTenantTotals_ != null &&
+          otherTenantTotals_ != dev.routesvc.v1.CostTotals.getDefaultInstance()) {
+          getOtherTenantTotalsBuilder().mergeFrom(value);
+        } else {
+          otherTenantTotals_ = value;
+        }
+      } else {
+        otherTenantTotalsBuilder_.mergeFrom(value);
+      }
+      if (otherTenantTotals_ != null) {
+        bitField0_ |= 0x00008000;
+        onChanged();
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * Requests, cost and savings of the tenants left out of `tenants`, together (all zero when
+     * none was): the `tenants` rows plus these add up to `totals`.
+     * </pre>
+     *
+     * <code>.routesvc.v1.CostTotals other_tenant_totals = 16 [json_name = "otherTenantTotals"];</code>
+     */
+    public Builder clearOtherTenantTotals() {
+      bitField0_ = (bitField0_ & ~0x00008000);
+      otherTenantTotals_ = null;
+      if (otherTenantTotalsBuilder_ != null) {
+        otherTenantTotalsBuilder_.dispose();
+        otherTenantTotalsBuilder_ = null;
+      }
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Requests, cost and savings of the tenants left out of `tenants`, together (all zero when
+     * none was): the `tenants` rows plus these add up to `totals`.
+     * </pre>
+     *
+     * <code>.routesvc.v1.CostTotals other_tenant_totals = 16 [json_name = "otherTenantTotals"];</code>
+     */
+    public dev.routesvc.v1.CostTotals.Builder getOtherTenantTotalsBuilder() {
+      bitField0_ |= 0x00008000;
+      onChanged();
+      return getOtherTenantTotalsFieldBuilder().getBuilder();
+    }
+    /**
+     * <pre>
+     * Requests, cost and savings of the tenants left out of `tenants`, together (all zero when
+     * none was): the `tenants` rows plus these add up to `totals`.
+     * </pre>
+     *
+     * <code>.routesvc.v1.CostTotals other_tenant_totals = 16 [json_name = "otherTenantTotals"];</code>
+     */
+    public dev.routesvc.v1.CostTotalsOrBuilder getOtherTenantTotalsOrBuilder() {
+      if (otherTenantTotalsBuilder_ != null) {
+        return otherTenantTotalsBuilder_.getMessageOrBuilder();
+      } else {
+        return otherTenantTotals_ == null ?
+            dev.routesvc.v1.CostTotals.getDefaultInstance() : otherTenantTotals_;
+      }
+    }
+    /**
+     * <pre>
+     * Requests, cost and savings of the tenants left out of `tenants`, together (all zero when
+     * none was): the `tenants` rows plus these add up to `totals`.
+     * </pre>
+     *
+     * <code>.routesvc.v1.CostTotals other_tenant_totals = 16 [json_name = "otherTenantTotals"];</code>
+     */
+    private com.google.protobuf.SingleFieldBuilderV3<
+        dev.routesvc.v1.CostTotals, dev.routesvc.v1.CostTotals.Builder, dev.routesvc.v1.CostTotalsOrBuilder> 
+        getOtherTenantTotalsFieldBuilder() {
+      if (otherTenantTotalsBuilder_ == null) {
+        otherTenantTotalsBuilder_ = new com.google.protobuf.SingleFieldBuilderV3<
+            dev.routesvc.v1.CostTotals, dev.routesvc.v1.CostTotals.Builder, dev.routesvc.v1.CostTotalsOrBuilder>(
+                getOtherTenantTotals(),
+                getParentForChildren(),
+                isClean());
+        otherTenantTotals_ = null;
+      }
+      return otherTenantTotalsBuilder_;
     }
     @java.lang.Override
     public final Builder setUnknownFields(

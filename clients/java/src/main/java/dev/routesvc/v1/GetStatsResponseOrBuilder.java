@@ -152,7 +152,10 @@ public interface GetStatsResponseOrBuilder extends
 
   /**
    * <pre>
-   * Per tenant, by tenant id.
+   * Per tenant, by tenant id. At most 1,000 rows (so the answer stays far below gRPC's 4 MiB
+   * default message limit however many tenants the window holds): those of the tenants with the
+   * most cost, then the most requests, then the lowest tenant id; the others are counted
+   * together in other_tenant_count and other_tenant_totals.
    * </pre>
    *
    * <code>repeated .routesvc.v1.TenantStats tenants = 6 [json_name = "tenants"];</code>
@@ -161,7 +164,10 @@ public interface GetStatsResponseOrBuilder extends
       getTenantsList();
   /**
    * <pre>
-   * Per tenant, by tenant id.
+   * Per tenant, by tenant id. At most 1,000 rows (so the answer stays far below gRPC's 4 MiB
+   * default message limit however many tenants the window holds): those of the tenants with the
+   * most cost, then the most requests, then the lowest tenant id; the others are counted
+   * together in other_tenant_count and other_tenant_totals.
    * </pre>
    *
    * <code>repeated .routesvc.v1.TenantStats tenants = 6 [json_name = "tenants"];</code>
@@ -169,7 +175,10 @@ public interface GetStatsResponseOrBuilder extends
   dev.routesvc.v1.TenantStats getTenants(int index);
   /**
    * <pre>
-   * Per tenant, by tenant id.
+   * Per tenant, by tenant id. At most 1,000 rows (so the answer stays far below gRPC's 4 MiB
+   * default message limit however many tenants the window holds): those of the tenants with the
+   * most cost, then the most requests, then the lowest tenant id; the others are counted
+   * together in other_tenant_count and other_tenant_totals.
    * </pre>
    *
    * <code>repeated .routesvc.v1.TenantStats tenants = 6 [json_name = "tenants"];</code>
@@ -177,7 +186,10 @@ public interface GetStatsResponseOrBuilder extends
   int getTenantsCount();
   /**
    * <pre>
-   * Per tenant, by tenant id.
+   * Per tenant, by tenant id. At most 1,000 rows (so the answer stays far below gRPC's 4 MiB
+   * default message limit however many tenants the window holds): those of the tenants with the
+   * most cost, then the most requests, then the lowest tenant id; the others are counted
+   * together in other_tenant_count and other_tenant_totals.
    * </pre>
    *
    * <code>repeated .routesvc.v1.TenantStats tenants = 6 [json_name = "tenants"];</code>
@@ -186,7 +198,10 @@ public interface GetStatsResponseOrBuilder extends
       getTenantsOrBuilderList();
   /**
    * <pre>
-   * Per tenant, by tenant id.
+   * Per tenant, by tenant id. At most 1,000 rows (so the answer stays far below gRPC's 4 MiB
+   * default message limit however many tenants the window holds): those of the tenants with the
+   * most cost, then the most requests, then the lowest tenant id; the others are counted
+   * together in other_tenant_count and other_tenant_totals.
    * </pre>
    *
    * <code>repeated .routesvc.v1.TenantStats tenants = 6 [json_name = "tenants"];</code>
@@ -316,4 +331,45 @@ public interface GetStatsResponseOrBuilder extends
    * <code>.routesvc.v1.LatencyPercentiles time_to_first_token = 14 [json_name = "timeToFirstToken"];</code>
    */
   dev.routesvc.v1.LatencyPercentilesOrBuilder getTimeToFirstTokenOrBuilder();
+
+  /**
+   * <pre>
+   * Tenants of the window left out of `tenants` (beyond its 1,000 rows); 0 when every tenant
+   * has a row.
+   * </pre>
+   *
+   * <code>int64 other_tenant_count = 15 [json_name = "otherTenantCount"];</code>
+   * @return The otherTenantCount.
+   */
+  long getOtherTenantCount();
+
+  /**
+   * <pre>
+   * Requests, cost and savings of the tenants left out of `tenants`, together (all zero when
+   * none was): the `tenants` rows plus these add up to `totals`.
+   * </pre>
+   *
+   * <code>.routesvc.v1.CostTotals other_tenant_totals = 16 [json_name = "otherTenantTotals"];</code>
+   * @return Whether the otherTenantTotals field is set.
+   */
+  boolean hasOtherTenantTotals();
+  /**
+   * <pre>
+   * Requests, cost and savings of the tenants left out of `tenants`, together (all zero when
+   * none was): the `tenants` rows plus these add up to `totals`.
+   * </pre>
+   *
+   * <code>.routesvc.v1.CostTotals other_tenant_totals = 16 [json_name = "otherTenantTotals"];</code>
+   * @return The otherTenantTotals.
+   */
+  dev.routesvc.v1.CostTotals getOtherTenantTotals();
+  /**
+   * <pre>
+   * Requests, cost and savings of the tenants left out of `tenants`, together (all zero when
+   * none was): the `tenants` rows plus these add up to `totals`.
+   * </pre>
+   *
+   * <code>.routesvc.v1.CostTotals other_tenant_totals = 16 [json_name = "otherTenantTotals"];</code>
+   */
+  dev.routesvc.v1.CostTotalsOrBuilder getOtherTenantTotalsOrBuilder();
 }

@@ -394,7 +394,7 @@ public final class RouterProto {
       "google.protobuf.DurationR\003p50\022+\n\003p95\030\002 \001" +
       "(\0132\031.google.protobuf.DurationR\003p95\022+\n\003p9" +
       "9\030\003 \001(\0132\031.google.protobuf.DurationR\003p99\"" +
-      "\272\005\n\020GetStatsResponse\0221\n\006window\030\001 \001(\0132\031.g" +
+      "\261\006\n\020GetStatsResponse\0221\n\006window\030\001 \001(\0132\031.g" +
       "oogle.protobuf.DurationR\006window\022\026\n\006tenan" +
       "t\030\002 \001(\tR\006tenant\022%\n\016baseline_model\030\003 \001(\tR" +
       "\rbaselineModel\022/\n\006totals\030\004 \001(\0132\027.routesv" +
@@ -410,63 +410,66 @@ public final class RouterProto {
       "nReleasedScore\210\001\001\0229\n\007latency\030\r \001(\0132\037.rou" +
       "tesvc.v1.LatencyPercentilesR\007latency\022N\n\023" +
       "time_to_first_token\030\016 \001(\0132\037.routesvc.v1." +
-      "LatencyPercentilesR\020timeToFirstTokenB\026\n\024" +
-      "_mean_released_score\"t\n\017FeedbackRequest\022" +
-      "\037\n\013decision_id\030\001 \001(\tR\ndecisionId\022\026\n\005scor" +
-      "e\030\002 \001(\001H\000R\005score\022\035\n\tthumbs_up\030\003 \001(\010H\000R\010t" +
-      "humbsUpB\t\n\007outcome\"\212\001\n\020FeedbackResponse\022" +
-      "\037\n\013decision_id\030\001 \001(\tR\ndecisionId\022\024\n\005mode" +
-      "l\030\002 \001(\tR\005model\022\024\n\005score\030\003 \001(\001R\005score\022)\n\020" +
-      "library_examples\030\004 \001(\003R\017libraryExamples*" +
-      "\303\001\n\nBatchState\022\033\n\027BATCH_STATE_UNSPECIFIE" +
-      "D\020\000\022\026\n\022BATCH_STATE_QUEUED\020\001\022\031\n\025BATCH_STA" +
-      "TE_SUBMITTED\020\002\022\031\n\025BATCH_STATE_SUCCEEDED\020" +
-      "\003\022\026\n\022BATCH_STATE_FAILED\020\004\022\027\n\023BATCH_STATE" +
-      "_EXPIRED\020\005\022\031\n\025BATCH_STATE_CANCELLED\020\006*_\n" +
-      "\004Role\022\024\n\020ROLE_UNSPECIFIED\020\000\022\017\n\013ROLE_SYST" +
-      "EM\020\001\022\r\n\tROLE_USER\020\002\022\022\n\016ROLE_ASSISTANT\020\003\022" +
-      "\r\n\tROLE_TOOL\020\004*?\n\004Mode\022\024\n\020MODE_UNSPECIFI" +
-      "ED\020\000\022\021\n\rMODE_REALTIME\020\001\022\016\n\nMODE_BATCH\020\002*" +
-      "\270\001\n\014FinishReason\022\035\n\031FINISH_REASON_UNSPEC" +
-      "IFIED\020\000\022\026\n\022FINISH_REASON_STOP\020\001\022\030\n\024FINIS" +
-      "H_REASON_LENGTH\020\002\022\034\n\030FINISH_REASON_TOOL_" +
-      "CALLS\020\003\022 \n\034FINISH_REASON_CONTENT_FILTER\020" +
-      "\004\022\027\n\023FINISH_REASON_OTHER\020\005*\242\001\n\016ToolChoic" +
-      "eMode\022 \n\034TOOL_CHOICE_MODE_UNSPECIFIED\020\000\022" +
-      "\031\n\025TOOL_CHOICE_MODE_AUTO\020\001\022\031\n\025TOOL_CHOIC" +
-      "E_MODE_NONE\020\002\022\035\n\031TOOL_CHOICE_MODE_REQUIR" +
-      "ED\020\003\022\031\n\025TOOL_CHOICE_MODE_TOOL\020\004*\245\001\n\022Resp" +
-      "onseFormatType\022$\n RESPONSE_FORMAT_TYPE_U" +
-      "NSPECIFIED\020\000\022\035\n\031RESPONSE_FORMAT_TYPE_TEX" +
-      "T\020\001\022$\n RESPONSE_FORMAT_TYPE_JSON_OBJECT\020" +
-      "\002\022$\n RESPONSE_FORMAT_TYPE_JSON_SCHEMA\020\003*" +
-      "u\n\017CacheBreakpoint\022 \n\034CACHE_BREAKPOINT_U" +
-      "NSPECIFIED\020\000\022!\n\035CACHE_BREAKPOINT_FIVE_MI" +
-      "NUTES\020\001\022\035\n\031CACHE_BREAKPOINT_ONE_HOUR\020\002*X" +
-      "\n\013ImageDetail\022\034\n\030IMAGE_DETAIL_UNSPECIFIE" +
-      "D\020\000\022\024\n\020IMAGE_DETAIL_LOW\020\001\022\025\n\021IMAGE_DETAI" +
-      "L_HIGH\020\002*\306\001\n\016AttemptOutcome\022\037\n\033ATTEMPT_O" +
-      "UTCOME_UNSPECIFIED\020\000\022\035\n\031ATTEMPT_OUTCOME_" +
-      "COMPLETED\020\001\022\035\n\031ATTEMPT_OUTCOME_ESCALATED" +
-      "\020\002\022\032\n\026ATTEMPT_OUTCOME_FAILED\020\003\022\031\n\025ATTEMP" +
-      "T_OUTCOME_JUDGE\020\004\022\036\n\032ATTEMPT_OUTCOME_CLA" +
-      "SSIFIER\020\0052\226\004\n\rRouterService\022>\n\005Route\022\031.r" +
-      "outesvc.v1.RouteRequest\032\032.routesvc.v1.Ro" +
-      "uteResponse\022I\n\010Complete\022\034.routesvc.v1.Co" +
-      "mpleteRequest\032\035.routesvc.v1.CompleteResp" +
-      "onse0\001\022M\n\nListModels\022\036.routesvc.v1.ListM" +
-      "odelsRequest\032\037.routesvc.v1.ListModelsRes" +
-      "ponse\022G\n\010GetStats\022\034.routesvc.v1.GetStats" +
-      "Request\032\035.routesvc.v1.GetStatsResponse\022G" +
-      "\n\010GetBatch\022\034.routesvc.v1.GetBatchRequest" +
-      "\032\035.routesvc.v1.GetBatchResponse\022P\n\013Cance" +
-      "lBatch\022\037.routesvc.v1.CancelBatchRequest\032" +
-      " .routesvc.v1.CancelBatchResponse\022G\n\010Fee" +
-      "dback\022\034.routesvc.v1.FeedbackRequest\032\035.ro" +
-      "utesvc.v1.FeedbackResponseB_\n\017dev.routes" +
-      "vc.v1B\013RouterProtoP\001Z=github.com/routesv" +
-      "c/routesvc/clients/go/routesvcv1;routesv" +
-      "cv1b\006proto3"
+      "LatencyPercentilesR\020timeToFirstToken\022,\n\022" +
+      "other_tenant_count\030\017 \001(\003R\020otherTenantCou" +
+      "nt\022G\n\023other_tenant_totals\030\020 \001(\0132\027.routes" +
+      "vc.v1.CostTotalsR\021otherTenantTotalsB\026\n\024_" +
+      "mean_released_score\"t\n\017FeedbackRequest\022\037" +
+      "\n\013decision_id\030\001 \001(\tR\ndecisionId\022\026\n\005score" +
+      "\030\002 \001(\001H\000R\005score\022\035\n\tthumbs_up\030\003 \001(\010H\000R\010th" +
+      "umbsUpB\t\n\007outcome\"\212\001\n\020FeedbackResponse\022\037" +
+      "\n\013decision_id\030\001 \001(\tR\ndecisionId\022\024\n\005model" +
+      "\030\002 \001(\tR\005model\022\024\n\005score\030\003 \001(\001R\005score\022)\n\020l" +
+      "ibrary_examples\030\004 \001(\003R\017libraryExamples*\303" +
+      "\001\n\nBatchState\022\033\n\027BATCH_STATE_UNSPECIFIED" +
+      "\020\000\022\026\n\022BATCH_STATE_QUEUED\020\001\022\031\n\025BATCH_STAT" +
+      "E_SUBMITTED\020\002\022\031\n\025BATCH_STATE_SUCCEEDED\020\003" +
+      "\022\026\n\022BATCH_STATE_FAILED\020\004\022\027\n\023BATCH_STATE_" +
+      "EXPIRED\020\005\022\031\n\025BATCH_STATE_CANCELLED\020\006*_\n\004" +
+      "Role\022\024\n\020ROLE_UNSPECIFIED\020\000\022\017\n\013ROLE_SYSTE" +
+      "M\020\001\022\r\n\tROLE_USER\020\002\022\022\n\016ROLE_ASSISTANT\020\003\022\r" +
+      "\n\tROLE_TOOL\020\004*?\n\004Mode\022\024\n\020MODE_UNSPECIFIE" +
+      "D\020\000\022\021\n\rMODE_REALTIME\020\001\022\016\n\nMODE_BATCH\020\002*\270" +
+      "\001\n\014FinishReason\022\035\n\031FINISH_REASON_UNSPECI" +
+      "FIED\020\000\022\026\n\022FINISH_REASON_STOP\020\001\022\030\n\024FINISH" +
+      "_REASON_LENGTH\020\002\022\034\n\030FINISH_REASON_TOOL_C" +
+      "ALLS\020\003\022 \n\034FINISH_REASON_CONTENT_FILTER\020\004" +
+      "\022\027\n\023FINISH_REASON_OTHER\020\005*\242\001\n\016ToolChoice" +
+      "Mode\022 \n\034TOOL_CHOICE_MODE_UNSPECIFIED\020\000\022\031" +
+      "\n\025TOOL_CHOICE_MODE_AUTO\020\001\022\031\n\025TOOL_CHOICE" +
+      "_MODE_NONE\020\002\022\035\n\031TOOL_CHOICE_MODE_REQUIRE" +
+      "D\020\003\022\031\n\025TOOL_CHOICE_MODE_TOOL\020\004*\245\001\n\022Respo" +
+      "nseFormatType\022$\n RESPONSE_FORMAT_TYPE_UN" +
+      "SPECIFIED\020\000\022\035\n\031RESPONSE_FORMAT_TYPE_TEXT" +
+      "\020\001\022$\n RESPONSE_FORMAT_TYPE_JSON_OBJECT\020\002" +
+      "\022$\n RESPONSE_FORMAT_TYPE_JSON_SCHEMA\020\003*u" +
+      "\n\017CacheBreakpoint\022 \n\034CACHE_BREAKPOINT_UN" +
+      "SPECIFIED\020\000\022!\n\035CACHE_BREAKPOINT_FIVE_MIN" +
+      "UTES\020\001\022\035\n\031CACHE_BREAKPOINT_ONE_HOUR\020\002*X\n" +
+      "\013ImageDetail\022\034\n\030IMAGE_DETAIL_UNSPECIFIED" +
+      "\020\000\022\024\n\020IMAGE_DETAIL_LOW\020\001\022\025\n\021IMAGE_DETAIL" +
+      "_HIGH\020\002*\306\001\n\016AttemptOutcome\022\037\n\033ATTEMPT_OU" +
+      "TCOME_UNSPECIFIED\020\000\022\035\n\031ATTEMPT_OUTCOME_C" +
+      "OMPLETED\020\001\022\035\n\031ATTEMPT_OUTCOME_ESCALATED\020" +
+      "\002\022\032\n\026ATTEMPT_OUTCOME_FAILED\020\003\022\031\n\025ATTEMPT" +
+      "_OUTCOME_JUDGE\020\004\022\036\n\032ATTEMPT_OUTCOME_CLAS" +
+      "SIFIER\020\0052\226\004\n\rRouterService\022>\n\005Route\022\031.ro" +
+      "utesvc.v1.RouteRequest\032\032.routesvc.v1.Rou" +
+      "teResponse\022I\n\010Complete\022\034.routesvc.v1.Com" +
+      "pleteRequest\032\035.routesvc.v1.CompleteRespo" +
+      "nse0\001\022M\n\nListModels\022\036.routesvc.v1.ListMo" +
+      "delsRequest\032\037.routesvc.v1.ListModelsResp" +
+      "onse\022G\n\010GetStats\022\034.routesvc.v1.GetStatsR" +
+      "equest\032\035.routesvc.v1.GetStatsResponse\022G\n" +
+      "\010GetBatch\022\034.routesvc.v1.GetBatchRequest\032" +
+      "\035.routesvc.v1.GetBatchResponse\022P\n\013Cancel" +
+      "Batch\022\037.routesvc.v1.CancelBatchRequest\032 " +
+      ".routesvc.v1.CancelBatchResponse\022G\n\010Feed" +
+      "back\022\034.routesvc.v1.FeedbackRequest\032\035.rou" +
+      "tesvc.v1.FeedbackResponseB_\n\017dev.routesv" +
+      "c.v1B\013RouterProtoP\001Z=github.com/routesvc" +
+      "/routesvc/clients/go/routesvcv1;routesvc" +
+      "v1b\006proto3"
     };
     descriptor = com.google.protobuf.Descriptors.FileDescriptor
       .internalBuildGeneratedFileFrom(descriptorData,
@@ -695,7 +698,7 @@ public final class RouterProto {
     internal_static_routesvc_v1_GetStatsResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessageV3.FieldAccessorTable(
         internal_static_routesvc_v1_GetStatsResponse_descriptor,
-        new java.lang.String[] { "Window", "Tenant", "BaselineModel", "Totals", "Models", "Tenants", "Escalations", "EscalationRate", "Fallbacks", "CascadeDecisions", "CascadeReleaseRate", "MeanReleasedScore", "Latency", "TimeToFirstToken", });
+        new java.lang.String[] { "Window", "Tenant", "BaselineModel", "Totals", "Models", "Tenants", "Escalations", "EscalationRate", "Fallbacks", "CascadeDecisions", "CascadeReleaseRate", "MeanReleasedScore", "Latency", "TimeToFirstToken", "OtherTenantCount", "OtherTenantTotals", });
     internal_static_routesvc_v1_FeedbackRequest_descriptor =
       getDescriptor().getMessageTypes().get(36);
     internal_static_routesvc_v1_FeedbackRequest_fieldAccessorTable = new
