@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
 from routesvc.encoders import DEFAULT_ROUTER_ENCODER, WordLlamaEncoder, load_encoder
 from routesvc.errors import RouteSvcError
@@ -116,42 +117,36 @@ def _write_jsonl(path: Path, rows: Iterable[dict[str, object]]) -> int:
     root, ``--out /dev/null`` left every later ``> /dev/null`` writing into a file), and
     ``/dev/stdout`` into a pipe failed, its link naming no file."""
     if _special_file(path):
-        count = 0
-        try:
-            with open(path, "w", encoding="utf-8") as handle:
-                for row in rows:
-                    handle.write(json.dumps(row) + "\n")
-                    count += 1
-        except BrokenPipeError:
-            raise
-        except OSError as exc:
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
-        return count
+        with _writing(path), open(path, "w", encoding="utf-8") as handle:
+            return _write_rows(handle, rows)
     target = _output_file(path)
-    count = 0
     partial: Path | None = None
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        while partial is None:
-            candidate = target.with_name(f".{target.name}.{secrets.token_hex(6)}.partial")
-            try:  # O_EXCL, as mkstemp, with the permissions the umask gives a new file (not 0600)
-                fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            except FileExistsError:
-                continue
-            partial = candidate
-        with open(fd, "w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row) + "\n")
-                count += 1
-        os.replace(partial, target)
-    except OSError as exc:
-        if partial is not None:
-            partial.unlink(missing_ok=True)
-        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        with _writing(path):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            while partial is None:
+                candidate = target.with_name(f".{target.name}.{secrets.token_hex(6)}.partial")
+                try:  # O_EXCL, as mkstemp, with the permissions the umask gives a new file (not 0600)
+                    fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                except FileExistsError:
+                    continue
+                partial = candidate
+            with open(fd, "w", encoding="utf-8") as handle:
+                count = _write_rows(handle, rows)
+            os.replace(partial, target)
     except BaseException:
         if partial is not None:
             partial.unlink(missing_ok=True)
         raise
+    return count
+
+
+def _write_rows(handle: TextIO, rows: Iterable[dict[str, object]]) -> int:
+    """Write ``rows`` to ``handle``, one JSON object a line; how many."""
+    count = 0
+    for row in rows:
+        handle.write(json.dumps(row) + "\n")
+        count += 1
     return count
 
 
@@ -322,19 +317,30 @@ def _warn_unfit_pair(records: list[OutcomeRecord], router: FittedRouter) -> None
         )
     if not strong:
         return
-    strong_quality, weak_quality = sum(strong) / len(strong), sum(weak) / len(weak)
-    if strong_quality <= weak_quality:
+    _warn_small_gap(
+        router.strong,
+        router.weak,
+        sum(strong) / len(strong),
+        sum(weak) / len(weak),
+        on="the fitted prompts",
+        if_none="the router sends the prompts it finds hard to a model that is no better",
+        if_small="the router learns mostly noise",
+    )
+
+
+def _warn_small_gap(
+    strong: str, weak: str, strong_quality: float, weak_quality: float, *, on: str, if_none: str, if_small: str
+) -> None:
+    """Warn (stderr) when ``strong`` does not beat ``weak`` ``on`` some prompts (``if_none`` says
+    what follows), or beats it by under ``_SMALL_GAP`` (``if_small``)."""
+    gap = strong_quality - weak_quality
+    if gap <= 0:
         print(
-            f"warning: {router.strong} does not beat {router.weak} on the fitted prompts ({strong_quality:.4f} vs"
-            f" {weak_quality:.4f}): the router sends the prompts it finds hard to a model that is no better",
+            f"warning: {strong} does not beat {weak} on {on} ({strong_quality:.4f} vs {weak_quality:.4f}): {if_none}",
             file=sys.stderr,
         )
-    elif strong_quality - weak_quality < _SMALL_GAP:
-        print(
-            f"warning: {router.strong} beats {router.weak} by only {strong_quality - weak_quality:.4f} on the"
-            " fitted prompts: the router learns mostly noise",
-            file=sys.stderr,
-        )
+    elif gap < _SMALL_GAP:
+        print(f"warning: {strong} beats {weak} by only {gap:.4f} on {on}: {if_small}", file=sys.stderr)
 
 
 def run_score(args: argparse.Namespace) -> int:
@@ -393,20 +399,15 @@ def run_eval(args: argparse.Namespace) -> int:
         )
     scores = router.scores(pair.prompts, progress=_progress)
     report = evaluate_scores(scores, pair.strong, pair.weak, pair.strong_cost, pair.weak_cost)
-    gap = report.strong_quality - report.weak_quality
-    if gap <= 0:
-        print(
-            f"warning: {args.strong} does not beat {args.weak} on this data ({report.strong_quality:.4f} vs"
-            f" {report.weak_quality:.4f}): APGR and CPT measure how much of a gap is recovered, and there"
-            " is none here",
-            file=sys.stderr,
-        )
-    elif gap < _SMALL_GAP:
-        print(
-            f"warning: {args.strong} beats {args.weak} by only {gap:.4f} on this data: APGR and CPT divide"
-            " by that gap, so they are mostly noise here",
-            file=sys.stderr,
-        )
+    _warn_small_gap(
+        args.strong,
+        args.weak,
+        report.strong_quality,
+        report.weak_quality,
+        on="this data",
+        if_none="APGR and CPT measure how much of a gap is recovered, and there is none here",
+        if_small="APGR and CPT divide by that gap, so they are mostly noise here",
+    )
     # The metrics first: a plot that cannot be written (a full disk) must not lose them.
     if args.json:
         print(json.dumps(report.as_dict(), indent=1))
