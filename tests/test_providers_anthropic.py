@@ -778,6 +778,35 @@ class TestTimeout:
         assert time.monotonic() - started < 1.0 + 1.5
 
 
+class TestAfterMessageStop:
+    """What follows ``message_stop``: the body's end, read so that the connection is reused."""
+
+    async def test_a_reset_after_message_stop_ends_the_answer_ok_with_its_usage(
+        self, fake: FakeProvider, provider: AnthropicProvider
+    ) -> None:
+        """The connection reset after ``message_stop`` is no failure: the answer and its usage
+        came (as the OpenAI adapter's reset after its finish and usage)."""
+        fake.enqueue(Script(fault=Fault.RESET_AT_END, hang_seconds=0.05, input_tokens=11, output_tokens=7))
+        finish = (await collect(provider, make_call()))[-1]
+        assert isinstance(finish, ProviderFinish)
+        assert (finish.usage.input_tokens, finish.usage.output_tokens, finish.estimated) == (11, 7, False)
+
+    async def test_the_drain_after_message_stop_ends_before_the_calls_deadline(
+        self, fake: FakeProvider, provider: AnthropicProvider
+    ) -> None:
+        """``message_stop`` comes about 90 ms before the call's deadline and the server holds the
+        body open: the answer is handed on by the deadline (50 ms kept before it, as the OpenAI
+        adapter's drain), not after the whole 0.1 s drain, past the deadline."""
+        # A whole answer first opens the connection: cold, reaching the fake takes time of its own.
+        await collect(provider, make_call())
+        fake.enqueue(Script(first_chunk_delay=0.9, chunk_count=1, fault=Fault.HANG_AT_END))
+        started = time.monotonic()
+        events = await collect(provider, make_call(timeout=1.0))
+        elapsed = time.monotonic() - started
+        assert isinstance(events[-1], ProviderFinish)
+        assert elapsed < 1.0
+
+
 class TestLogging:
     async def test_debug_logging_does_not_record_the_prompt_or_key(
         self, fake: FakeProvider, provider: AnthropicProvider, caplog: pytest.LogCaptureFixture

@@ -594,6 +594,53 @@ class TestMissingUsage:
         assert finish.estimated is False
 
 
+class TestAfterTheFinish:
+    """What follows an answer whose finish reason came: its usage, ``[DONE]``, the body's end."""
+
+    async def test_a_reset_after_the_usage_ends_the_answer_ok_with_its_usage(
+        self, fake: FakeProvider, provider: OpenAIProvider
+    ) -> None:
+        """The finish and the usage came, then the connection is reset before ``[DONE]``: the
+        answer ends OK with the usage reported (it failed the attempt ProviderUnavailable, the
+        whole answer sent), and the reset is logged by its code, without the prompt."""
+        fake.enqueue(Script(fault=Fault.RESET_AT_END, hang_seconds=0.05, input_tokens=11, output_tokens=7))
+        with capture_logs() as logs:
+            events = await collect(provider, make_call())
+        finish = events[-1]
+        assert isinstance(finish, ProviderFinish)
+        text = "".join(event.text for event in events if isinstance(event, TextDelta))
+        assert (text, finish.finish_reason) == ("Hello from the fake provider.", FinishReason.STOP)
+        assert (finish.usage.input_tokens, finish.usage.output_tokens, finish.estimated) == (11, 7, False)
+        warnings = [entry for entry in logs if entry["event"] == "provider_error_after_finish"]
+        assert [(entry["log_level"], entry["reason"]) for entry in warnings] == [("warning", "PROVIDER_UNAVAILABLE")]
+        assert all("canary" not in str(entry) for entry in logs)
+
+    async def test_a_reset_after_the_finish_ends_the_answer_ok_when_no_usage_was_asked_for(
+        self, fake: FakeProvider, http_client: HttpClientKind
+    ) -> None:
+        """Without ``include_usage`` (``stream_usage: false``) the drain starts at the finish: a
+        reset then ends the answer OK, its usage estimated (it failed the attempt)."""
+        adapter = OpenAIProvider(
+            "local", "", fake.openai_base_url, "openai_compatible", http_client=http_client, stream_usage=False
+        )
+        try:
+            fake.enqueue(Script(fault=Fault.RESET_AT_END, hang_seconds=0.05))
+            finish = (await collect(adapter, make_call()))[-1]
+        finally:
+            await adapter.aclose()
+        assert isinstance(finish, ProviderFinish)
+        assert (finish.finish_reason, finish.estimated) == (FinishReason.STOP, True)
+
+    async def test_a_reset_while_the_usage_is_waited_for_still_fails_the_attempt(
+        self, fake: FakeProvider, provider: OpenAIProvider
+    ) -> None:
+        """The usage was asked for and has not come when the connection is reset: the attempt
+        fails ProviderUnavailable after the text, as a cut stream does (its usage unknown)."""
+        fake.enqueue(Script(fault=Fault.RESET_AT_END, hang_seconds=0.05, omit_usage=True))
+        texts, error = await collect_until_error(provider, make_call())
+        assert ("".join(texts), type(error)) == ("Hello from the fake provider.", ProviderUnavailable)
+
+
 class TestErrorTranslation:
     @pytest.mark.parametrize(("status", "error_class"), STATUS_ERRORS)
     async def test_status_maps_to_one_error_class_with_a_sanitized_message(

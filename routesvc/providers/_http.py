@@ -39,6 +39,12 @@ _T = TypeVar("_T")
 
 _log = structlog.get_logger("routesvc.providers")
 
+# Once an answer is whole (OpenAI: its finish and usage; Anthropic: ``message_stop``), what is left
+# of the body is read for this long, so the connection is reused, and never past the call's
+# deadline less ``DEADLINE_MARGIN_SECONDS``: the whole answer must not reach the caller too late.
+DRAIN_SECONDS = 0.1
+DEADLINE_MARGIN_SECONDS = 0.05
+
 # Machine codes are short words; anything longer (or shaped like a key) is not copied.
 _SAFE_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,40}")
 _KEY_PREFIX = "sk-"

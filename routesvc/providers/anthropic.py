@@ -80,6 +80,8 @@ from routesvc.providers._adapter import SdkAdapter
 from routesvc.providers._aiohttp import keeping_buffered
 from routesvc.providers._event_size import DEFAULT_MAX_EVENT_BYTES, AnthropicEventEnds, EventBound, streaming
 from routesvc.providers._http import (
+    DEADLINE_MARGIN_SECONDS,
+    DRAIN_SECONDS,
     END_OF_STREAM,
     EstimatedUsageLog,
     aiohttp_connection_failure,
@@ -114,7 +116,6 @@ _FINISH_REASONS = {
     "refusal": FinishReason.CONTENT_FILTER,
 }
 
-_DRAIN_SECONDS = 0.1
 
 # The Messages API's highest temperature (OpenAI's, which our API accepts, is 2).
 MAX_TEMPERATURE = 1.0
@@ -456,7 +457,7 @@ class AnthropicProvider(SdkAdapter[anthropic.AsyncAnthropic]):
                 if carried is not None:
                     yield carried
                 if tally.stopped:
-                    await _drain(sdk_stream)
+                    await _drain(sdk_stream, deadline)
                     break
             if not tally.stopped:
                 raise ProviderUnavailable(
@@ -612,13 +613,21 @@ def _cache_write_1h(usage: dict[str, object], previous: int) -> int:
     return _latest(object_field(usage.get("cache_creation")).get("ephemeral_1h_input_tokens"), previous)
 
 
-async def _drain(stream: anthropic.AsyncStream[object]) -> None:
+async def _drain(stream: anthropic.AsyncStream[object], deadline: float | None) -> None:
     """Read what follows ``message_stop`` (the end of the chunked body) so the connection is reused.
 
     Closing a response before its end closes the connection, and the next call would pay for a
-    new TCP and TLS handshake. A server that sends more, or stalls, gets ``_DRAIN_SECONDS``.
+    new TCP and TLS handshake. A server that sends more, or stalls, gets ``DRAIN_SECONDS``, but
+    never past the call's ``deadline`` (loop time) less ``DEADLINE_MARGIN_SECONDS``, as the
+    OpenAI adapter's drain: the answer is whole, and must not reach the caller after its deadline.
+    An error of the stream meanwhile (a reset) is no failure: the answer and its usage came.
     """
+    wait = DRAIN_SECONDS
+    if deadline is not None:
+        wait = min(wait, deadline - asyncio.get_running_loop().time() - DEADLINE_MARGIN_SECONDS)
+        if wait <= 0:
+            return
     with contextlib.suppress(Exception):
-        async with asyncio.timeout(_DRAIN_SECONDS):
+        async with asyncio.timeout(wait):
             while await next_event(stream) is not END_OF_STREAM:
                 pass

@@ -63,6 +63,8 @@ from routesvc.providers._adapter import SdkAdapter
 from routesvc.providers._aiohttp import keeping_buffered
 from routesvc.providers._event_size import DEFAULT_MAX_EVENT_BYTES, EventBound, OpenAIEventEnds, streaming
 from routesvc.providers._http import (
+    DEADLINE_MARGIN_SECONDS,
+    DRAIN_SECONDS,
     END_OF_STREAM,
     EstimatedUsageLog,
     aiohttp_connection_failure,
@@ -102,12 +104,12 @@ _log = structlog.get_logger("routesvc.providers")
 # sends it last) or was not asked for, the rest is drained for as long as the Anthropic adapter
 # drains after ``message_stop``; until then each next chunk gets a second, then the usage is
 # estimated as when a server sends none (or the last chunk's usage so far is taken). Neither wait
-# runs past the call's deadline, less ``_DEADLINE_MARGIN_SECONDS``: the answer is whole, so it
+# runs past the call's deadline, less ``DEADLINE_MARGIN_SECONDS``: the answer is whole, so it
 # ends with an estimate rather than the deadline failing it. Within that margin what has come
-# already is still read, for up to ``_BUFFERED_READ_SECONDS`` (at most half the time left).
-_DRAIN_SECONDS = 0.1
+# already is still read, for up to ``_BUFFERED_READ_SECONDS`` (at most half the time left). An
+# error of the stream in that drain (a reset) ends the answer OK as well; one while the usage is
+# waited for fails the attempt.
 _USAGE_WAIT_SECONDS = 1.0
-_DEADLINE_MARGIN_SECONDS = 0.05
 _BUFFERED_READ_SECONDS = 0.01
 
 _FINISH_REASONS = {
@@ -406,8 +408,9 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
                 if finish is None:
                     event = await self._guard(call, deadline, next_event(sdk_stream))
                 else:
-                    wait = _DRAIN_SECONDS if usage_chunk or not self._stream_usage else _USAGE_WAIT_SECONDS
-                    event = await self._after_finish(call, deadline, sdk_stream, wait)
+                    draining = usage_chunk or not self._stream_usage
+                    wait = DRAIN_SECONDS if draining else _USAGE_WAIT_SECONDS
+                    event = await self._after_finish(call, deadline, sdk_stream, wait, draining=draining)
                 if event is END_OF_STREAM:
                     break
                 chunk = event_object(event, provider=self._name, model=call.model)
@@ -468,16 +471,21 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
                 await sdk_stream.close()
 
     async def _after_finish(
-        self, call: ProviderCall, deadline: float | None, sdk_stream: _EventStream, wait: float
+        self, call: ProviderCall, deadline: float | None, sdk_stream: _EventStream, wait: float, *, draining: bool
     ) -> object:
         """The stream's next event after the finish reason, or ``END_OF_STREAM`` when none comes
-        within ``wait`` seconds, nor before the deadline's margin (see ``_DRAIN_SECONDS``): the
-        answer is whole, the stream ends."""
+        within ``wait`` seconds, nor before the deadline's margin (see ``DRAIN_SECONDS``): the
+        answer is whole, the stream ends.
+
+        ``draining``: the usage came (or was not asked for), all that is left is ``[DONE]`` and the
+        body's end; an error of the stream then (a connection reset, an error event) ends it too,
+        logged, as the Anthropic adapter's after ``message_stop``: the answer was sent, its usage
+        known. Before that, while the usage is waited for, an error fails the attempt."""
         if deadline is not None:
             left = deadline - asyncio.get_running_loop().time()
             # Within the margin, still what has come already (the usage chunk written with the
             # finish): half of what is left, at most _BUFFERED_READ_SECONDS.
-            wait = min(wait, max(left - _DEADLINE_MARGIN_SECONDS, min(_BUFFERED_READ_SECONDS, left / 2)))
+            wait = min(wait, max(left - DEADLINE_MARGIN_SECONDS, min(_BUFFERED_READ_SECONDS, left / 2)))
             if wait <= 0:
                 return END_OF_STREAM
         tail = asyncio.timeout(wait)
@@ -487,6 +495,12 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
         except TimeoutError:
             if not tail.expired():
                 raise
+            return END_OF_STREAM
+        except ProviderError as exc:
+            if not draining:
+                raise
+            # The error's fixed code, not its message: nothing the server sent is logged.
+            _log.warning("provider_error_after_finish", provider=self._name, model=call.model, reason=exc.reason)
             return END_OF_STREAM
 
     def _usage(self, call: ProviderCall, usage: Mapping[str, object], output: list[str]) -> tuple[Usage, bool]:

@@ -174,7 +174,7 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
             "usage": usage,
         }
         closing.append(sse(usage_chunk))
-    if script.fault is not Fault.HANG_AT_END:
+    if script.fault not in (Fault.HANG_AT_END, Fault.RESET_AT_END):
         closing.append(b"data: [DONE]\n\n")
     message = error_message(record, script, "fake in-band error")
     error = error_body(500, script.error_type or "server_error", message, script.error_code)

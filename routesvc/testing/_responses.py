@@ -132,6 +132,9 @@ async def stream_events(
             await connection.hang()
         else:
             await connection.pause(script.hang_seconds)
+    if script.fault is Fault.RESET_AT_END:
+        await connection.pause(script.hang_seconds or 0.0)
+        connection.reset()
     if gzip is not None:
         await connection.send_chunk(gzip.flush())
     await connection.send(_END_OF_BODY)

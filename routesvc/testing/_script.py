@@ -39,6 +39,9 @@ class Fault(enum.Enum):
     # Every event but the OpenAI format's ``data: [DONE]`` (the Anthropic format's through its
     # ``message_stop``), then silence, socket open: until the client leaves, or for ``hang_seconds``.
     HANG_AT_END = "hang_at_end"
+    # The same events as ``HANG_AT_END``, then (after ``hang_seconds``, when set) a TCP RST: a
+    # connection reset once the answer, its finish and usage were sent.
+    RESET_AT_END = "reset_at_end"
 
 
 @dataclass(frozen=True, slots=True)
