@@ -2,7 +2,8 @@
 
 A chain (``cascade.chains`` in the config) applies when the routing decision picks its first
 model, in realtime, unpinned, without tools or tool turns (a tool call is not an answer the scorers can judge),
-and when ``cascade.apply`` and the request's ``context.cascade`` say so. Later steps that cannot
+and when ``cascade.apply`` and the request's ``context.cascade`` say so (one they say so for that is
+pinned, batch or with tools gets a ``no cascade: ...`` reason naming which). Later steps that cannot
 serve the request (ineligible, no key) are left out, and so are those the cost cap rules out (the
 least the first step can cost, its input, plus the step's estimate passes it: its escalation
 would be stopped whatever the first answer); a chain of one model is no cascade, and its answer
@@ -107,8 +108,11 @@ class EscalationPolicy:
         chain = self._chains.get(decision.model)
         if chain is None or not self._wanted(request):
             return decision
-        if decision.mode is not Mode.REALTIME or decision.strategy == "pinned" or request.chat.uses_tools:
-            return decision
+        cancelled = _cancelled(decision, request)
+        if cancelled:
+            # Asked for (or applied by the config) and not run: the reasons say why, as they do for
+            # a chain whose steps are all left out.
+            return replace(decision, reasons=(*decision.reasons, f"no cascade: {'; '.join(cancelled)}"))
         excluded = {c.model: c.excluded_reason for c in decision.candidates if not c.eligible}
         catalog = self._settings.catalog
         cap = self.max_cost(request)
@@ -172,6 +176,20 @@ class EscalationPolicy:
         ``max_cost_usd`` and ``cascade.max_cost_usd``."""
         caps = [c for c in (request.context.max_cost_usd, self._config.max_cost_usd) if c is not None]
         return min(caps) if caps else None
+
+
+def _cancelled(decision: RouteDecision, request: RoutingRequest) -> list[str]:
+    """Why a chain that applies to ``decision`` does not run, whatever its steps: none when it may."""
+    why: list[str] = []
+    if decision.strategy == "pinned":
+        why.append(f"model {decision.model} pinned by the request")
+    if request.chat.tools:
+        why.append("the request offers tools (a tool call is no answer to score)")
+    elif request.chat.uses_tools:
+        why.append("the conversation carries tool calls or results (the answer may be another call)")
+    if decision.mode is not Mode.REALTIME:
+        why.append(f"mode {decision.mode.value} (a cascade runs in realtime only)")
+    return why
 
 
 def max_cost_reason(to_model: str, would_cost: Decimal, cap: Decimal) -> str:

@@ -790,9 +790,40 @@ class TestCascadeVisibility:
         assert decision.reasons[-1].startswith("no cascade: gpt-4o left out: provider 'openai' has no API key")
 
     async def test_a_pinned_model_is_never_cascaded(self, live_client: RouterClient) -> None:
-        """context.model pins gpt-4o-mini: no cascade even when asked."""
+        """context.model pins gpt-4o-mini: no cascade even when asked, and the reasons say why
+        (they said nothing of the cascade asked for)."""
         decision = await live_client.route(user_chat("hi"), pb.RoutingContext(cascade=True, model="gpt-4o-mini"))
         assert list(decision.cascade_models) == []
+        assert decision.reasons[-1] == "no cascade: model gpt-4o-mini pinned by the request"
+
+    async def test_a_request_offering_tools_says_why_it_is_not_cascaded(self, live_client: RouterClient) -> None:
+        """Route with a tool and cascade true, routed to the chain's first model: no cascade, and
+        the reasons say it is the tools (they said nothing)."""
+        chat = user_chat("What is the capital of France?", tools=[pb.Tool(name="lookup")])
+        decision = await live_client.route(chat, pb.RoutingContext(cascade=True))
+        assert (decision.model, list(decision.cascade_models)) == ("gpt-4o-mini", [])
+        assert decision.reasons[-1] == "no cascade: the request offers tools (a tool call is no answer to score)"
+
+    async def test_a_batch_request_says_why_it_is_not_cascaded(self, live_client: RouterClient) -> None:
+        """Route with realtime false and cascade true: mode batch, no cascade, and the reasons say
+        it is the mode (they said nothing)."""
+        decision = await live_client.route(user_chat("hi"), pb.RoutingContext(cascade=True, realtime=False))
+        assert (decision.model, decision.mode, list(decision.cascade_models)) == ("gpt-4o-mini", pb.MODE_BATCH, [])
+        assert decision.reasons[-1] == "no cascade: mode batch (a cascade runs in realtime only)"
+
+    async def test_a_pinned_batch_request_says_both_reasons(self, live_client: RouterClient) -> None:
+        """Pinned and batch: the one ``no cascade`` reason names both."""
+        context = pb.RoutingContext(cascade=True, realtime=False, model="gpt-4o-mini")
+        decision = await live_client.route(user_chat("hi"), context)
+        assert decision.reasons[-1] == (
+            "no cascade: model gpt-4o-mini pinned by the request; mode batch (a cascade runs in realtime only)"
+        )
+
+    async def test_a_request_not_asking_for_a_cascade_gets_no_cascade_reason(self, live_client: RouterClient) -> None:
+        """With ``apply: on_request``, a pinned request that does not ask for a cascade is told
+        nothing about one."""
+        decision = await live_client.route(user_chat("hi"), pb.RoutingContext(model="gpt-4o-mini"))
+        assert not any(reason.startswith("no cascade") for reason in decision.reasons)
 
     async def test_a_request_with_tools_is_never_cascaded(self, live_client: RouterClient, fake: FakeProvider) -> None:
         """Tools and cascade true: no cascade (a tool call is no answer to score); the model's calls
@@ -817,6 +848,9 @@ class TestCascadeVisibility:
         )
         decision = await live_client.route(chat, pb.RoutingContext(cascade=True))
         assert list(decision.cascade_models) == []
+        assert decision.reasons[-1] == (
+            "no cascade: the conversation carries tool calls or results (the answer may be another call)"
+        )
 
     async def test_stats_count_escalations_and_releases(self, live_client: RouterClient, fake: FakeProvider) -> None:
         """One escalated and one released request: 1 escalation, 2 cascade decisions, half released."""
