@@ -1082,8 +1082,8 @@ class TestProviderStrings:
         self, live_client: RouterClient, fake: FakeProvider, model: str
     ) -> None:
         """A tool call's arguments whose emoji came in two pieces are joined again, a lone half is
-        U+FFFD, as in a reported model name: the caller gets the calls it paid for (INTERNAL, with
-        the attempt completed and charged)."""
+        U+FFFD: the caller gets the calls it paid for (INTERNAL, with the attempt completed and
+        charged). A reported model name with a lone half is no model id: the model asked for."""
         arguments = '{"a": "\ud83d\ude00", "b": "\ud83d"}'
         call = FakeToolCall(name="f", arguments=arguments, pieces=len(arguments))  # one character an event
         fake.enqueue(Script(chunks=(), tool_calls=(call,), model="gpt-\ud83d"))
@@ -1091,7 +1091,7 @@ class TestProviderStrings:
         messages = [m async for m in live_client.complete(chat, pb.RoutingContext(model=model))]
         completion = messages[-1].completion
         assert [json.loads(c.arguments_json) for c in completion.tool_calls] == [{"a": "\U0001f600", "b": "\ufffd"}]
-        assert completion.provider_model == "gpt-\ufffd"
+        assert completion.provider_model == {"gpt-4o-mini": "gpt-4o-mini", "claude-sonnet": "claude-sonnet-4-6"}[model]
 
     async def test_an_internal_error_after_text_carries_the_committed_trailers(
         self, live_client: RouterClient, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch

@@ -84,6 +84,30 @@ class TestGenAIMetrics:
         spans = [dict(span.attributes or {}) for span in observed.finished() if span.name == "chat gpt-4o-mini"]
         assert [span["gen_ai.response.model"] for span in spans] == [*names, names[0]]
 
+    async def test_a_response_model_echoing_the_prompt_or_key_is_not_recorded(self, fake: FakeProvider) -> None:
+        """A gateway that puts the prompt or the key in the response's ``model`` (whole, wrapped,
+        or 200,000 characters long) has the model asked for recorded instead, on both APIs: on
+        the client span, as the metric label and in the Completion (it went everywhere verbatim,
+        with content capture off). A model id the prompt does not hold is kept."""
+        prompt, key = "canaryprompt-zq9", "gw-canarykey-77x"
+        echoes = [f"echo:{prompt}", f"{prompt}-v1", f"key/{key}", "sk-live-123", "m-" + "x" * 200_000]
+        fake.enqueue(*(Script(model=echo) for echo in echoes), model="gpt-4o-mini")
+        fake.enqueue(Script(model="gpt-4o-mini-2024-07-18"), model="gpt-4o-mini")
+        fake.enqueue(Script(model=f"echo:{prompt}"), Script(model=f"{key}@x"), model="claude-sonnet-4-6")
+        environ = {"OPENAI_API_KEY": key, "ANTHROPIC_API_KEY": key}
+        async with observed_server(fake, environ=environ) as observed:
+            answered = []
+            for hint in ["simple_qa"] * 6 + ["creative_writing"] * 2:
+                context = pb.RoutingContext(task_hint=hint)
+                messages = [m async for m in observed.client.complete(user_chat(prompt), context)]
+                answered.append(messages[-1].completion.provider_model)
+            spans = [dict(s.attributes or {}) for s in observed.finished() if s.name.startswith("chat ")]
+            labels = {dict(p.attributes)["gen_ai.response.model"] for p in observed.points("gen_ai.client.token.usage")}
+        expected = ["gpt-4o-mini"] * 5 + ["gpt-4o-mini-2024-07-18"] + ["claude-sonnet-4-6"] * 2
+        assert answered == expected
+        assert [span["gen_ai.response.model"] for span in spans] == expected
+        assert labels == set(expected)
+
     async def test_a_failed_attempt_has_an_error_type(self, observed: Observed, fake: FakeProvider) -> None:
         """The duration of a failed attempt is recorded with error.type."""
         fake.enqueue(Script(status=503), Script())
@@ -201,9 +225,9 @@ class TestPrometheus:
         assert "routesvc_savings" in page
 
     async def test_a_provider_model_with_a_lone_surrogate_leaves_the_page_served(self, fake: FakeProvider) -> None:
-        """A provider that names its model with half an emoji's pair ("gpt-\\ud83d"): the name
-        is the gen_ai.response.model label with U+FFFD for the half, and the page is served (it
-        failed with HTTP 500 at every scrape until a restart)."""
+        """A provider that names its model with half an emoji's pair ("gpt-\\ud83d"): the page is
+        served (it failed with HTTP 500 at every scrape until a restart), the name, not shaped
+        like a model id, replaced by the model asked for."""
         config = default_config()
         config["telemetry"] = {"metrics": {"prometheus_port": 0}}
         async with observed_server(fake, config=config) as observed:
@@ -213,7 +237,7 @@ class TestPrometheus:
             assert endpoint is not None
             url = f"http://127.0.0.1:{endpoint.port}/metrics"
             page = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
-        assert 'gen_ai_response_model="gpt-\ufffd"' in page
+        assert 'gen_ai_response_model="gpt-4o-mini"' in page
 
     async def test_off_by_default(self, observed: Observed) -> None:
         """No port is opened unless configured."""
@@ -234,6 +258,21 @@ class TestBatchAnswers:
             usage = _by(observed.points("gen_ai.client.token.usage"), "gen_ai.token.type")
         assert cost["gpt-4o-mini"].value == pytest.approx(float(Decimal(done.result.cost_usd)))  # type: ignore[attr-defined]
         assert (usage["input"].sum, usage["output"].sum) == (100, 20)  # type: ignore[attr-defined]
+
+    @pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-sonnet"])
+    async def test_a_batch_answer_whose_model_echoes_the_key_names_the_model_asked_for(
+        self, tmp_path: Path, fake: FakeProvider, model: str
+    ) -> None:
+        """A batch result whose ``model`` holds the key is read as one that names no model: the
+        model asked for is the metric label, GetBatch's result names none (the key went to both)."""
+        key = "gw-canarykey-77x"
+        fake.enqueue(Script(model=f"key:{key}"), model=fake_model(model))
+        environ = {"OPENAI_API_KEY": key, "ANTHROPIC_API_KEY": key}
+        async with observed_server(fake, config=batch_config(tmp_path), environ=environ) as observed:
+            job = (await submit(observed.client, model=model))[1].batch
+            done = await wait_state(observed.client, job.batch_id, pb.BATCH_STATE_SUCCEEDED)
+            labels = {dict(p.attributes)["gen_ai.response.model"] for p in observed.points("gen_ai.client.token.usage")}
+        assert (labels, done.result.provider_model) == ({fake_model(model)}, "")
 
     async def test_a_batch_answer_is_in_the_baseline_and_savings_metrics(
         self, tmp_path: Path, fake: FakeProvider

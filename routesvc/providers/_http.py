@@ -48,6 +48,11 @@ DEADLINE_MARGIN_SECONDS = 0.05
 # Machine codes are short words; anything longer (or shaped like a key) is not copied.
 _SAFE_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,40}")
 _KEY_PREFIX = "sk-"
+# A model id as providers and OpenAI-compatible servers name them: ``gpt-4o-mini-2024-07-18``,
+# ``meta-llama/Llama-3.1-8B-Instruct``, ``llama3.1:8b``, ``@cf/meta/llama-3-8b-instruct``,
+# ``anthropic.claude-3-5-sonnet-20240620-v1:0``; no spaces, at most 128 characters.
+_MODEL_ID = re.compile(r"[A-Za-z0-9_.:/@\-]{1,128}")
+_MODEL_ID_SEPARATORS = re.compile(r"[:/@]")
 # An HTTP status as a code (vLLM's 400, LiteLLM's "429"): three digits say nothing of a prompt or a
 # key, and a prompt with a number in it ("1400") must not turn the status into no code at all.
 _STATUS_CODE = re.compile(r"[0-9]{1,3}")
@@ -111,7 +116,27 @@ def safe_code(value: object, *, forbidden: Iterable[str] = ()) -> str:
     of at most three digits (an HTTP status); so is one that looks like a credential (``sk-...``)
     whatever the texts.
     """
-    if not isinstance(value, str) or not _SAFE_CODE.fullmatch(value):
+    return _safe(value, _SAFE_CODE, forbidden)
+
+
+def safe_model(value: object, *, forbidden: Iterable[str] = ()) -> str:
+    """``value`` when it looks like a model id (``_MODEL_ID``), else "" (the adapter then names
+    the model it asked for). A response's ``model`` goes into spans, metric labels and the
+    Completion with content capture off, so a gateway that echoes the prompt or the key there,
+    whole or wrapped (``echo:<prompt>``, ``key-<key>``), must not get it through: no
+    ``forbidden`` text may occur in it, and each of its ``:``/``/``/``@``-separated parts must
+    pass the check ``safe_code`` makes (not inside a forbidden text, not ``sk-...``)."""
+    texts = [text for text in forbidden if text]
+    if not isinstance(value, str) or not _MODEL_ID.fullmatch(value) or any(text in value for text in texts):
+        return ""
+    parts = [part for part in _MODEL_ID_SEPARATORS.split(value) if part]
+    return value if all(_safe(part, _MODEL_ID, texts) for part in parts) else ""
+
+
+def _safe(value: object, shape: re.Pattern[str], forbidden: Iterable[str]) -> str:
+    """``value`` if it is a string of ``shape``, not a credential, and not inside a ``forbidden``
+    text (a number of at most three digits may be: an HTTP status, a version), else ""."""
+    if not isinstance(value, str) or not shape.fullmatch(value):
         return ""
     if value.lower().startswith(_KEY_PREFIX):
         return ""

@@ -96,6 +96,7 @@ from routesvc.providers._http import (
     quota_exhausted,
     request_options,
     safe_code,
+    safe_model,
     text_field,
     tokens_asked,
     transport_error,
@@ -478,7 +479,9 @@ class AnthropicProvider(SdkAdapter[anthropic.AsyncAnthropic]):
             yield ProviderFinish(
                 usage=usage,
                 finish_reason=map_stop_reason(tally.stop_reason, made_calls=bool(calls)),
-                provider_model=tally.provider_model or call.provider_model,
+                provider_model=(
+                    safe_model(tally.provider_model, forbidden=never_echoed(call, self._api_key)) or call.provider_model
+                ),
                 tool_calls=calls,
                 estimated=estimated,
             )

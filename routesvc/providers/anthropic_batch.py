@@ -19,7 +19,7 @@ import structlog
 
 from routesvc.errors import ProviderError, ProviderRejected, ProviderUnavailable
 from routesvc.models import BatchState, ToolCall, Usage
-from routesvc.providers._http import describe, object_field, safe_code
+from routesvc.providers._http import describe, object_field, safe_code, safe_model
 from routesvc.providers.anthropic import DEFAULT_BASE_URL, map_stop_reason, quota_spent, request_params
 from routesvc.providers.batch import (
     BatchItem,
@@ -53,6 +53,9 @@ class AnthropicBatches:
 
     def __init__(self, name: str, api_key: str | None, base_url: str | None = None, *, timeout: float = 60.0) -> None:
         self._name = name
+        # What a result's ``model`` may not hold (``safe_model``): the key. A job's prompt is not
+        # at hand when its result is read.
+        self._forbidden = [api_key] if api_key else []
         # As for realtime calls (``AnthropicProvider``): the SDK's own spans and trace propagation
         # off, so it reads no ANTHROPIC_OPEN_TELEMETRY* variable (config.py owns the environment)
         # and a global tracer provider gets no spans of batch calls, whose bodies hold prompts.
@@ -158,7 +161,7 @@ class AnthropicBatches:
         )
         text = content.decode("utf-8", errors="replace")
         lines, malformed = result_lines(text, provider=self._name, provider_batch=batch_id)
-        results = [guarded_line(line, _entry_result) for line in lines]
+        results = [guarded_line(line, lambda line: _entry_result(line, self._forbidden)) for line in lines]
         results += [ItemResult(custom_id, BatchState.FAILED, error="malformed_result") for custom_id in malformed]
         return results
 
@@ -183,7 +186,7 @@ class AnthropicBatches:
         return True
 
 
-def _entry_result(line: dict[str, Any]) -> ItemResult:
+def _entry_result(line: dict[str, Any], forbidden: list[str]) -> ItemResult:
     """One line of a batch's results (a line of another shape raises: ``guarded_line``)."""
     custom_id = line["custom_id"]
     if not isinstance(custom_id, str):
@@ -220,7 +223,7 @@ def _entry_result(line: dict[str, Any]) -> ItemResult:
                 cache_write_1h_input_tokens=min(written_1h, written),
             ),
             finish_reason=map_stop_reason(message.get("stop_reason"), made_calls=bool(calls)),
-            provider_model=str(message.get("model") or ""),
+            provider_model=safe_model(message.get("model"), forbidden=forbidden),
             tool_calls=calls,
             input_reported=input_tokens is not None,
             output_reported=output_tokens is not None,

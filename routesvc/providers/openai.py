@@ -79,6 +79,7 @@ from routesvc.providers._http import (
     quota_exhausted,
     request_options,
     safe_code,
+    safe_model,
     text_field,
     tokens_asked,
     transport_error,
@@ -399,6 +400,7 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
             usage: dict[str, object] = {}
             finish: str | None = None
             provider_model = ""
+            forbidden = never_echoed(call, self._api_key)
             output: list[str] = []
             refused = False
             tool_calls = ToolCallParts()
@@ -414,7 +416,7 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
                 if event is END_OF_STREAM:
                     break
                 chunk = event_object(event, provider=self._name, model=call.model)
-                provider_model = provider_model or text_field(chunk.get("model"))
+                provider_model = provider_model or safe_model(chunk.get("model"), forbidden=forbidden)
                 usage = object_field(chunk.get("usage")) or usage
                 choices = chunk.get("choices")
                 usage_chunk = usage_chunk or (bool(object_field(chunk.get("usage"))) and not choices)
@@ -454,7 +456,7 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
                 )
             reported, estimated = self._usage(call, usage, output)
             if not output:
-                _warn_if_unread(self._name, call.model, usage, finish, forbidden=never_echoed(call, self._api_key))
+                _warn_if_unread(self._name, call.model, usage, finish, forbidden=forbidden)
             calls = tool_calls.calls()
             yield ProviderFinish(
                 usage=reported,

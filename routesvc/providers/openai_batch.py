@@ -21,7 +21,7 @@ import structlog
 
 from routesvc.errors import ProviderError, ProviderRejected, ProviderUnavailable
 from routesvc.models import BatchState, FinishReason, ToolCall, Usage
-from routesvc.providers._http import describe, object_field, safe_code
+from routesvc.providers._http import describe, object_field, safe_code, safe_model
 from routesvc.providers.batch import (
     BatchItem,
     ItemResult,
@@ -59,6 +59,9 @@ class OpenAIBatches:
 
     def __init__(self, name: str, api_key: str | None, base_url: str | None = None, *, timeout: float = 60.0) -> None:
         self._name = name
+        # What a result's ``model`` may not hold (``safe_model``): the key. A job's prompt is not
+        # at hand when its result is read.
+        self._forbidden = [api_key] if api_key else []
         self._client = openai.AsyncOpenAI(
             api_key=api_key or "unused",
             base_url=base_url or DEFAULT_BASE_URL,
@@ -234,7 +237,7 @@ class OpenAIBatches:
         output, unreadable = await self._lines(batch.output_file_id)
         errors, unreadable_errors = await self._lines(batch.error_file_id)
         for line in output:
-            results.append(guarded_line(line, lambda line: self._item(line, batch.status)))
+            results.append(guarded_line(line, lambda line: self._item(line, batch.status, self._forbidden)))
         for line in errors:
             results.append(guarded_line(line, lambda line: _error_item(line, batch.status)))
         for custom_id in unreadable + unreadable_errors:
@@ -242,7 +245,7 @@ class OpenAIBatches:
         return results
 
     @staticmethod
-    def _item(line: dict[str, Any], status: str) -> ItemResult:
+    def _item(line: dict[str, Any], status: str, forbidden: list[str]) -> ItemResult:
         custom_id = str(line.get("custom_id"))
         response = line.get("response") or {}
         body = response.get("body") or {}
@@ -270,7 +273,7 @@ class OpenAIBatches:
                 cached_input_tokens=reported_count(details, "cached_tokens") or 0,
             ),
             finish_reason=FinishReason.CONTENT_FILTER if refusal else finish,
-            provider_model=str(body.get("model") or ""),
+            provider_model=safe_model(body.get("model"), forbidden=forbidden),
             tool_calls=calls,
             input_reported=input_tokens is not None,
             output_reported=output_tokens is not None,
