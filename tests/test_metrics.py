@@ -55,6 +55,18 @@ class TestGenAIMetrics:
             assert (point.explicit_bounds[0], point.explicit_bounds[-1]) == (1e-05, 5.0)
             assert sum(point.bucket_counts[:-1]) == 1  # within the bounds
 
+    async def test_rpc_durations_have_buckets_from_half_a_millisecond_to_ten_minutes(self, observed: Observed) -> None:
+        """rpc.server.call.duration resolves a Route (about a millisecond; the target is p99 <=
+        5 ms, docs/performance.md) and a Complete streaming for minutes: buckets from 0.5 ms,
+        one at 5 ms, to 10 minutes, and a Route lands in one at most 2.5 times its duration. It
+        had the GenAI buckets, from 10 ms: every Route in the first one, its p50 read as ~5 ms."""
+        await observed.client.route(user_chat("hello"))
+        (point,) = observed.points("rpc.server.call.duration")
+        bounds = list(point.explicit_bounds)
+        assert (bounds[0], bounds[-1], 0.005 in bounds) == (0.0005, 600.0, True)
+        (bucket,) = [index for index, count in enumerate(point.bucket_counts) if count]
+        assert bounds[bucket] <= 2.5 * point.sum
+
     async def test_token_usage_by_type_and_operation_duration(self, observed: Observed, fake: FakeProvider) -> None:
         """gen_ai.client.token.usage has input and output points; duration and time to first chunk one each."""
         fake.enqueue(Script(input_tokens=1234, output_tokens=56))

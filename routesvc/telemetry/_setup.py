@@ -59,6 +59,14 @@ _TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 
 # A policy stage takes microseconds (rules) to a few hundred milliseconds (an LLM classifier).
 _STAGE_SECONDS_BUCKETS = tuple(base * 10.0**power for power in range(-5, 1) for base in (1, 2.5, 5))
 _SECONDS_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+# An RPC takes from half a millisecond (a Route: its target is p99 <= 5 ms, docs/performance.md) to
+# minutes (a Complete streaming a long answer): the RPC conventions' boundaries (5 ms to 10 s),
+# with finer ones below 5 ms and longer ones up to 10 minutes. The GenAI ones start at 10 ms,
+# which put every Route in the first bucket.
+_RPC_SECONDS_BUCKETS = (
+    0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)  # fmt: skip
 
 log = structlog.get_logger("routesvc.telemetry")
 
@@ -127,7 +135,10 @@ def _views() -> list[View]:
         View(instrument_name="gen_ai.client.token.usage", aggregation=tokens),
         View(instrument_name="gen_ai.client.operation.duration", aggregation=seconds),
         View(instrument_name="gen_ai.client.operation.time_to_first_chunk", aggregation=seconds),
-        View(instrument_name="rpc.server.call.duration", aggregation=seconds),
+        View(
+            instrument_name="rpc.server.call.duration",
+            aggregation=ExplicitBucketHistogramAggregation(_RPC_SECONDS_BUCKETS),
+        ),
         View(
             instrument_name="routesvc.routing.stage.duration",
             aggregation=ExplicitBucketHistogramAggregation(_STAGE_SECONDS_BUCKETS),
