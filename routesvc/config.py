@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import re
 import unicodedata
@@ -1137,9 +1138,14 @@ def _resolve_telemetry(config: Config, catalog: Catalog, source: str, env: Mappi
     ratio = telemetry.tracing.sample_ratio
     if ratio is None:
         try:
-            ratio = min(max(float(env.get("OTEL_TRACES_SAMPLER_ARG", "1")), 0.0), 1.0)
+            arg = float(env.get("OTEL_TRACES_SAMPLER_ARG", "1"))
         except ValueError as exc:
             raise ConfigError(f"{source}: $OTEL_TRACES_SAMPLER_ARG: not a number") from exc
+        # float() reads "nan" and "inf" too: nan is no ratio (the sampler failed to build, a
+        # traceback at start), nor is an infinity.
+        if not math.isfinite(arg):
+            raise ConfigError(f"{source}: $OTEL_TRACES_SAMPLER_ARG: not a number")
+        ratio = min(max(arg, 0.0), 1.0)
     sampler = env.get("OTEL_TRACES_SAMPLER", "").strip().lower() or "parentbased_traceidratio"
     if sampler not in TRACE_SAMPLERS:
         known = ", ".join(TRACE_SAMPLERS)

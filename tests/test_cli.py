@@ -496,6 +496,15 @@ class TestServeFlagErrors:
         assert "127.0.0.1:8089" not in result.stderr + result.stdout
         assert "server_started" not in result.stderr + result.stdout
 
+    @pytest.mark.parametrize("sampler", ["always_on", "parentbased_traceidratio"])
+    def test_a_sampler_ratio_that_is_no_number_is_one_line_at_start(self, sampler: str) -> None:
+        """``OTEL_TRACES_SAMPLER_ARG=nan``: exit 2 and one line naming the variable, whichever
+        sampler is chosen (a traceback and exit 1, even for always_on, which takes no ratio)."""
+        env = {"OTEL_TRACES_EXPORTER": "console", "OTEL_TRACES_SAMPLER": sampler, "OTEL_TRACES_SAMPLER_ARG": "nan"}
+        result = _run("serve", "--port", "0", timeout=30, env=env)
+        line = _one_line_error(result)
+        assert line == "error: <embedded default_config.yaml>: $OTEL_TRACES_SAMPLER_ARG: not a number"
+
     def test_credentials_in_the_otlp_endpoint_are_one_line_and_never_logged(self) -> None:
         """``OTEL_EXPORTER_OTLP_ENDPOINT`` with user:password@: exit 2 and one line naming the
         variable (it served, exported nothing, and the exporter logged the URL with the password at

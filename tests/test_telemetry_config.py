@@ -108,6 +108,8 @@ class TestInvalid:
         [
             ({}, {"OTEL_TRACES_EXPORTER": "zipkin"}, "$OTEL_TRACES_EXPORTER: unsupported exporter 'zipkin'"),
             ({}, {"OTEL_TRACES_SAMPLER_ARG": "half"}, "$OTEL_TRACES_SAMPLER_ARG: not a number"),
+            ({}, {"OTEL_TRACES_SAMPLER_ARG": "nan"}, "$OTEL_TRACES_SAMPLER_ARG: not a number"),
+            ({}, {"OTEL_TRACES_SAMPLER_ARG": "-inf"}, "$OTEL_TRACES_SAMPLER_ARG: not a number"),
             (
                 {},
                 {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"},
@@ -126,7 +128,9 @@ class TestInvalid:
     def test_a_bad_value_fails_at_start_naming_it(
         self, section: dict[str, object], environ: dict[str, str], message: str
     ) -> None:
-        """Unknown exporters, samplers, baseline models and ports are refused with the source named."""
+        """Unknown exporters, samplers, baseline models and ports, and a sampler ratio that is no
+        finite number ("nan" passed: the sampler failed to build, a traceback at start), are
+        refused with the source named."""
         with pytest.raises(ConfigError, match="<test>: ") as caught:
             _telemetry(section, environ)
         assert message in caught.value.message

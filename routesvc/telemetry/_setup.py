@@ -121,9 +121,11 @@ class _Instruments:
 
 
 def _sampler(name: str, ratio: float) -> Sampler:
-    """The sampler ``OTEL_TRACES_SAMPLER`` names (``routesvc.config.TRACE_SAMPLERS``)."""
-    root: Sampler = {"always_on": ALWAYS_ON, "always_off": ALWAYS_OFF}.get(
-        name.removeprefix("parentbased_"), TraceIdRatioBased(ratio)
+    """The sampler ``OTEL_TRACES_SAMPLER`` names (``routesvc.config.TRACE_SAMPLERS``); ``ratio``
+    is read only by a ratio sampler."""
+    kind = name.removeprefix("parentbased_")
+    root: Sampler = (
+        ALWAYS_ON if kind == "always_on" else ALWAYS_OFF if kind == "always_off" else TraceIdRatioBased(ratio)
     )
     return ParentBased(root) if name.startswith("parentbased_") else root
 
