@@ -193,7 +193,8 @@ class RoutingStats:
         self._feedback: deque[FeedbackOutcome] = deque()
         self._latest: dict[str, FeedbackOutcome] = {}
         self._stale = 0
-        self._folding: dict[tuple[str, float | None], asyncio.Future[StatsSummary]] = {}
+        self._folding: dict[tuple[str, float | None], _SharedFold] = {}
+        self._turn = asyncio.Lock()  # one fold at a time, in arrival order
 
     def add(self, outcome: RequestOutcome) -> None:
         """Keep ``outcome``; drop what fell out of the window."""
@@ -249,22 +250,35 @@ class RoutingStats:
 
     async def summarize(self, *, tenant: str = "", window_seconds: float | None = None) -> StatsSummary:
         """``summary``, folded a slice at a time so the event loop serves other calls in between (a
-        full window of 100,000 outcomes takes hundreds of milliseconds). Calls asking the same
-        question while one is folding share its answer."""
+        full window of 100,000 outcomes takes hundreds of milliseconds). Folds run one at a time in
+        the order they were asked for (taking turns, every caller waited for all of them); calls
+        asking the same question meanwhile share one, and a fold no caller waits for any more stops."""
         key = (tenant, window_seconds)
-        folding = self._folding.get(key)
-        if folding is None:
-            folding = asyncio.ensure_future(self._summarize(tenant, window_seconds))
-            self._folding[key] = folding
-            folding.add_done_callback(lambda _: self._folding.pop(key, None))
-        # A caller that goes away leaves the fold to the others (it ends on its own, bounded).
-        return await asyncio.shield(folding)
+        shared = self._folding.get(key)
+        if shared is None:
+            task = asyncio.create_task(self._summarize(tenant, window_seconds), name="routesvc-stats-fold")
+            shared = self._folding[key] = _SharedFold(task)
+            task.add_done_callback(lambda _: self._forget(key, shared))
+        shared.waiters += 1
+        try:
+            return await asyncio.shield(shared.task)
+        finally:
+            shared.waiters -= 1
+            if not shared.waiters and not shared.task.done():
+                shared.task.cancel()
+                self._forget(key, shared)
+
+    def _forget(self, key: tuple[str, float | None], shared: _SharedFold) -> None:
+        if self._folding.get(key) is shared:
+            del self._folding[key]
 
     async def _summarize(self, tenant: str, window_seconds: float | None) -> StatsSummary:
-        fold = self._fold(tenant, window_seconds)
-        for _ in fold.slices():
-            await asyncio.sleep(0)
-        return fold.summary()
+        async with self._turn:
+            # The window as it is when this fold's turn comes.
+            fold = self._fold(tenant, window_seconds)
+            for _ in fold.slices():
+                await asyncio.sleep(0)
+            return fold.summary()
 
     def _fold(self, tenant: str, window_seconds: float | None) -> _Fold:
         now = self._clock()
@@ -282,6 +296,14 @@ class RoutingStats:
             tuple(self._feedback),
             dict(self._latest),
         )
+
+
+@dataclass(slots=True)
+class _SharedFold:
+    """A fold in progress and how many callers wait for its answer."""
+
+    task: asyncio.Task[StatsSummary]
+    waiters: int = 0
 
 
 _SLICE = 500  # window entries folded between two turns of the event loop (a few milliseconds)

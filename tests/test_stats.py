@@ -310,6 +310,37 @@ class TestManyTenants:
         assert Decimal(stats.other_tenant_totals.cost_usd) == 0
 
 
+class TestFoldsTakeTurns:
+    """Different questions (one per tenant, other windows) are folded one after another in the
+    order asked, so the first asked is answered first (they took turns slice by slice, and all
+    were answered together at the end: 60 callers with a 5 s deadline all ran out)."""
+
+    async def test_the_first_question_is_answered_long_before_the_last(self, observed: Observed) -> None:
+        TestAFullWindow._fill(observed, 100_000)
+        started = time.monotonic()
+
+        async def ask(window: float) -> float:
+            await observed.client.get_stats(window_seconds=window)
+            return time.monotonic() - started
+
+        answered = await asyncio.gather(*(ask(600 + minute * 60) for minute in range(6)))
+        assert min(answered) < 0.5 * max(answered)
+
+    async def test_a_fold_no_caller_waits_for_stops(self, observed: Observed) -> None:
+        TestAFullWindow._fill(observed, 100_000)
+        call = asyncio.ensure_future(observed.client.get_stats(timeout=0.1))
+        folds: list[asyncio.Task[object]] = []
+        while not folds and not call.done():
+            await asyncio.sleep(0)
+            folds = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "RoutingStats._summarize"]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        (fold,) = folds
+        await asyncio.wait([fold])
+        assert fold.cancelled()
+
+
 class TestTheLongestWindow:
     """telemetry.stats_window_seconds is answered as a google.protobuf.Duration: 1e20 was
     accepted, and every GetStats then failed INTERNAL."""
