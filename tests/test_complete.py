@@ -9,6 +9,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
 from decimal import Decimal
 
 import grpc
@@ -267,6 +268,34 @@ class TestStreaming:
         input_price, output_price, cached_price = _price("claude-sonnet")
         assert (completion.usage.input_tokens, completion.usage.cached_input_tokens) == (1000, 600)
         assert Decimal(completion.cost_usd) == (400 * input_price + 600 * cached_price + 10 * output_price) / 1_000_000
+
+    @pytest.mark.parametrize(
+        ("context", "script"),
+        [
+            # The usage on the finish chunk, no usage-only chunk (Gemini's OpenAI-compatible endpoint).
+            ({}, Script(usage_on_finish=True, fault=Fault.ERROR_EVENT, fault_at_end=True)),
+            ({"model": "claude-sonnet"}, Script(fault=Fault.ERROR_EVENT, fault_at_end=True)),
+        ],
+        ids=["openai_usage_on_finish", "anthropic_after_message_delta"],
+    )
+    async def test_an_error_once_the_answer_and_its_usage_came_bills_the_usage_reported(
+        self, live_client: RouterClient, fake: FakeProvider, context: dict[str, str], script: Script
+    ) -> None:
+        """The finish and the usage came, then an error event before the stream's terminator
+        (``[DONE]``, ``message_stop``): the Completion is OK with the usage reported and its exact
+        cost (UNAVAILABLE after the whole answer, an estimate billed)."""
+        fake.enqueue(replace(script, input_tokens=1234, output_tokens=25))
+        messages = await _collect(live_client, **context)
+        assert "".join(m.delta.text for m in messages if m.WhichOneof("event") == "delta") == DEFAULT_TEXT
+        completion = messages[-1].completion
+        input_price, output_price, _ = _price(completion.model)
+        assert (completion.finish_reason, completion.usage.input_tokens, completion.usage.output_tokens) == (
+            pb.FINISH_REASON_STOP,
+            1234,
+            25,
+        )
+        assert Decimal(completion.cost_usd) == (1234 * input_price + 25 * output_price) / 1_000_000
+        assert len(fake.requests) == 1
 
     async def test_length_finish_reason(self, live_client: RouterClient, fake: FakeProvider) -> None:
         """A truncated answer reports FINISH_REASON_LENGTH."""

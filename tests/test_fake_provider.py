@@ -125,6 +125,20 @@ class TestOpenAIWire:
             "prompt_tokens_details": {"cached_tokens": 0},
         }
 
+    async def test_usage_on_the_finish_chunk_and_a_fault_before_done(
+        self, fake: FakeProvider, http: httpx2.AsyncClient
+    ) -> None:
+        """``usage_on_finish``: the whole usage on the finish chunk, no usage-only chunk;
+        ``fault_at_end``: the fault (here ``data: null``) just before ``[DONE]``."""
+        fake.enqueue(Script(usage_on_finish=True, fault=Fault.NOT_AN_OBJECT, fault_at_end=True, output_tokens=7))
+        body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+        events = await sse_events(http, "/v1/chat/completions", body)
+        assert [data for _, data in events[-2:]] == ["null", "[DONE]"]
+        finish = json.loads(events[-3][1])
+        assert finish["choices"][0]["finish_reason"] == "stop"
+        assert (finish["usage"]["prompt_tokens"], finish["usage"]["completion_tokens"]) == (3, 7)
+        assert all(json.loads(data)["choices"] for _, data in events[:-2])
+
     async def test_stream_without_usage_when_not_asked(self, http: httpx2.AsyncClient) -> None:
         """Without ``stream_options.include_usage`` no chunk carries a usage field."""
         events = await sse_events(http, "/v1/chat/completions", {**CHAT, "stream": True})
@@ -174,6 +188,15 @@ class TestAnthropicWire:
             "message_stop",
         ]
         assert all(json.loads(data)["type"] == name for name, data in events)
+
+    async def test_a_fault_at_the_end_comes_between_message_delta_and_message_stop(
+        self, fake: FakeProvider, http: httpx2.AsyncClient
+    ) -> None:
+        """``fault_at_end``: the fault (here an ``error`` event, then the body's end) after
+        ``message_delta``, instead of ``message_stop``."""
+        fake.enqueue(Script(fault=Fault.ERROR_EVENT, fault_at_end=True))
+        events = await sse_events(http, "/v1/messages", {**MESSAGES, "stream": True})
+        assert [name for name, _ in events[-3:]] == ["content_block_stop", "message_delta", "error"]
 
     async def test_usage_in_message_start_and_cumulative_output_in_message_delta(
         self, fake: FakeProvider, http: httpx2.AsyncClient

@@ -787,9 +787,44 @@ class TestAfterMessageStop:
         """The connection reset after ``message_stop`` is no failure: the answer and its usage
         came (as the OpenAI adapter's reset after its finish and usage)."""
         fake.enqueue(Script(fault=Fault.RESET_AT_END, hang_seconds=0.05, input_tokens=11, output_tokens=7))
-        finish = (await collect(provider, make_call()))[-1]
+        with capture_logs() as logs:
+            finish = (await collect(provider, make_call()))[-1]
         assert isinstance(finish, ProviderFinish)
         assert (finish.usage.input_tokens, finish.usage.output_tokens, finish.estimated) == (11, 7, False)
+        # Logged as the OpenAI adapter logs it, by the error's code, without the prompt or key
+        # (it was swallowed unlogged).
+        warnings = [entry for entry in logs if entry["event"] == "provider_error_after_finish"]
+        assert [(entry["log_level"], entry["reason"]) for entry in warnings] == [("warning", "PROVIDER_UNAVAILABLE")]
+        assert all("canary" not in str(entry) for entry in logs)
+
+    @pytest.mark.parametrize("fault", [Fault.ERROR_EVENT, Fault.RESET], ids=["error_event", "reset"])
+    async def test_an_error_after_message_delta_ends_the_answer_ok_with_its_usage(
+        self, fake: FakeProvider, provider: AnthropicProvider, fault: Fault
+    ) -> None:
+        """``message_delta`` (the stop reason and the final usage) came, then an ``error`` event
+        (overloaded) or a reset instead of ``message_stop``: only the terminator is missing, the
+        answer ends OK with the usage reported, the error logged by its code, as after
+        ``message_stop`` (it failed the attempt, the whole answer sent, an estimate billed)."""
+        fake.enqueue(Script(fault=fault, fault_at_end=True, input_tokens=11, output_tokens=7))
+        with capture_logs() as logs:
+            events = await collect(provider, make_call())
+        finish = events[-1]
+        assert isinstance(finish, ProviderFinish)
+        text = "".join(event.text for event in events if isinstance(event, TextDelta))
+        assert (text, finish.finish_reason) == ("Hello from the fake provider.", FinishReason.STOP)
+        assert (finish.usage.input_tokens, finish.usage.output_tokens, finish.estimated) == (11, 7, False)
+        warnings = [entry["reason"] for entry in logs if entry["event"] == "provider_error_after_finish"]
+        assert len(warnings) == 1
+        assert all("canary" not in str(entry) for entry in logs)
+
+    async def test_an_error_after_a_message_delta_without_usage_still_fails_the_attempt(
+        self, fake: FakeProvider, provider: AnthropicProvider
+    ) -> None:
+        """The stop reason came but no output count: the usage is unknown, and an ``error`` event
+        before ``message_stop`` fails the attempt, as a cut stream does."""
+        fake.enqueue(Script(fault=Fault.ERROR_EVENT, fault_at_end=True, omit_delta_usage=True))
+        texts, error = await collect_until_error(provider, make_call())
+        assert ("".join(texts), type(error)) == ("Hello from the fake provider.", ProviderUnavailable)
 
     async def test_the_drain_after_message_stop_ends_before_the_calls_deadline(
         self, fake: FakeProvider, provider: AnthropicProvider

@@ -10,6 +10,7 @@ import logging
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from types import MappingProxyType
 
 import aiohttp
@@ -630,6 +631,65 @@ class TestAfterTheFinish:
             await adapter.aclose()
         assert isinstance(finish, ProviderFinish)
         assert (finish.finish_reason, finish.estimated) == (FinishReason.STOP, True)
+
+    async def test_an_event_not_an_object_after_the_usage_ends_the_answer_ok_with_its_usage(
+        self, fake: FakeProvider, provider: OpenAIProvider
+    ) -> None:
+        """After the finish and the usage chunk, ``data: null`` (JSON, not an object) before
+        ``[DONE]`` is an error of the stream as any other there: the answer ends OK with the usage
+        reported, logged (it failed the attempt "stream event is not a JSON object", the whole
+        answer sent, and an estimate was billed)."""
+        fake.enqueue(Script(fault=Fault.NOT_AN_OBJECT, fault_at_end=True, input_tokens=11, output_tokens=7))
+        with capture_logs() as logs:
+            finish = (await collect(provider, make_call()))[-1]
+        assert isinstance(finish, ProviderFinish)
+        assert (finish.finish_reason, finish.usage.input_tokens, finish.usage.output_tokens) == (
+            FinishReason.STOP,
+            11,
+            7,
+        )
+        assert not finish.estimated
+        warnings = [entry["reason"] for entry in logs if entry["event"] == "provider_error_after_finish"]
+        assert warnings == ["PROVIDER_UNAVAILABLE"]
+
+    @pytest.mark.parametrize(
+        "fault",
+        [
+            Script(fault=Fault.ERROR_EVENT, fault_at_end=True, error_type="server_error"),
+            Script(fault=Fault.RESET_AT_END, hang_seconds=0.05),
+        ],
+        ids=["error_event", "reset"],
+    )
+    async def test_an_error_after_a_finish_chunk_carrying_the_usage_ends_the_answer_ok_with_it(
+        self, fake: FakeProvider, provider: OpenAIProvider, fault: Script
+    ) -> None:
+        """A server that puts the whole usage on the finish chunk and sends no usage-only chunk
+        (Gemini's OpenAI-compatible endpoint, some gateways), then an error of the stream before
+        ``[DONE]``: the answer and its usage came, it ends OK with that usage, the error logged by
+        its code (it failed the attempt while the usage chunk was waited for, and an estimate was
+        billed)."""
+        fake.enqueue(replace(fault, usage_on_finish=True, input_tokens=11, output_tokens=7))
+        with capture_logs() as logs:
+            events = await collect(provider, make_call())
+        finish = events[-1]
+        assert isinstance(finish, ProviderFinish)
+        text = "".join(event.text for event in events if isinstance(event, TextDelta))
+        assert (text, finish.finish_reason) == ("Hello from the fake provider.", FinishReason.STOP)
+        assert (finish.usage.input_tokens, finish.usage.output_tokens, finish.estimated) == (11, 7, False)
+        warnings = [entry for entry in logs if entry["event"] == "provider_error_after_finish"]
+        assert [(entry["log_level"], entry["reason"]) for entry in warnings] == [("warning", "PROVIDER_UNAVAILABLE")]
+        assert all("canary" not in str(entry) for entry in logs)
+
+    async def test_a_finish_chunk_carrying_the_usage_ends_at_done_with_it(
+        self, fake: FakeProvider, provider: OpenAIProvider
+    ) -> None:
+        """The usage on the finish chunk, then ``[DONE]``: that usage, reported, no warning."""
+        fake.enqueue(Script(usage_on_finish=True, input_tokens=11, output_tokens=7))
+        with capture_logs() as logs:
+            finish = (await collect(provider, make_call()))[-1]
+        assert isinstance(finish, ProviderFinish)
+        assert (finish.usage.input_tokens, finish.usage.output_tokens, finish.estimated) == (11, 7, False)
+        assert not [entry for entry in logs if entry["event"] == "provider_error_after_finish"]
 
     async def test_a_reset_while_the_usage_is_waited_for_still_fails_the_attempt(
         self, fake: FakeProvider, provider: OpenAIProvider

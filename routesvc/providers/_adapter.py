@@ -10,6 +10,7 @@ from collections.abc import Awaitable
 from typing import Generic, Protocol, TypeVar
 
 import httpx2
+import structlog
 
 from routesvc.errors import ProviderError
 from routesvc.providers._http import guarded, server_url
@@ -29,6 +30,8 @@ class SdkClient(Protocol):
 
 _Client = TypeVar("_Client", bound=SdkClient)
 _T = TypeVar("_T")
+
+_log = structlog.get_logger("routesvc.providers")
 
 
 class SdkAdapter(ABC, Generic[_Client]):
@@ -68,6 +71,17 @@ class SdkAdapter(ABC, Generic[_Client]):
     async def _guard(self, call: ProviderCall, deadline: float | None, awaitable: Awaitable[_T]) -> _T:
         """Await one SDK step within the call's deadline, translating whatever it raises."""
         return await guarded(self._name, call, deadline, awaitable, self._translate)
+
+    def _ends_whole(self, call: ProviderCall, exc: ProviderError, *, whole: bool) -> bool:
+        """Whether an error of the stream ``exc`` leaves the answer whole, the attempt OK: so once
+        the answer is (``whole``: its finish reason came, and the provider's usage of it too, or
+        none will come). The caller has then had the whole answer; failing the attempt would show
+        it UNAVAILABLE and bill an estimate instead of the usage reported. The error is logged
+        ``provider_error_after_finish`` by its fixed code, not its message: nothing the server
+        sent. Before that, the error is the attempt's (False: the caller raises it)."""
+        if whole:
+            _log.warning("provider_error_after_finish", provider=self._name, model=call.model, reason=exc.reason)
+        return whole
 
     @abstractmethod
     def _translate(self, call: ProviderCall, exc: Exception) -> ProviderError | None:

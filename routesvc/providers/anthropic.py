@@ -451,14 +451,27 @@ class AnthropicProvider(SdkAdapter[anthropic.AsyncAnthropic]):
             sdk_stream = await self._guard(call, deadline, request)
         try:
             tally = _Tally()
-            while (event := await self._guard(call, deadline, next_event(sdk_stream))) is not END_OF_STREAM:
-                carried = self._apply(tally, event_object(event, provider=self._name, model=call.model))
+            while True:
+                try:
+                    event = await self._guard(call, deadline, next_event(sdk_stream))
+                    if event is END_OF_STREAM:
+                        break
+                    carried = self._apply(tally, event_object(event, provider=self._name, model=call.model))
+                except ProviderError as exc:
+                    # ``message_delta`` brought the stop reason and the output count (the input
+                    # came with ``message_start``): only ``message_stop``, the terminator, is
+                    # missing, and the answer is whole.
+                    whole = None not in (tally.stop_reason, tally.input_tokens, tally.output_tokens)
+                    if not self._ends_whole(call, exc, whole=whole):
+                        raise
+                    tally.stopped = True
+                    break
                 if isinstance(carried, TextDelta | Heartbeat):
                     tally.output.append(carried.text)
                 if carried is not None:
                     yield carried
                 if tally.stopped:
-                    await _drain(sdk_stream, deadline)
+                    await self._drain(call, sdk_stream, deadline)
                     break
             if not tally.stopped:
                 raise ProviderUnavailable(
@@ -489,6 +502,32 @@ class AnthropicProvider(SdkAdapter[anthropic.AsyncAnthropic]):
             # Closing the SDK stream closes the HTTP response, so the upstream sees the abort.
             with contextlib.suppress(Exception):
                 await sdk_stream.close()
+
+    async def _drain(self, call: ProviderCall, stream: anthropic.AsyncStream[object], deadline: float | None) -> None:
+        """Read what follows ``message_stop`` (the end of the chunked body) so the connection is reused.
+
+        Closing a response before its end closes the connection, and the next call would pay for a
+        new TCP and TLS handshake. A server that sends more, or stalls, gets ``DRAIN_SECONDS``, but
+        never past the call's ``deadline`` (loop time) less ``DEADLINE_MARGIN_SECONDS``, as the
+        OpenAI adapter's drain: the answer is whole, and must not reach the caller after its deadline.
+        An error of the stream meanwhile (a reset) is no failure: the answer and its usage came
+        (logged, ``_ends_whole``).
+        """
+        wait = DRAIN_SECONDS
+        if deadline is not None:
+            wait = min(wait, deadline - asyncio.get_running_loop().time() - DEADLINE_MARGIN_SECONDS)
+            if wait <= 0:
+                return
+        tail = asyncio.timeout(wait)
+        try:
+            async with tail:
+                while await self._guard(call, deadline, next_event(stream)) is not END_OF_STREAM:
+                    pass
+        except TimeoutError:
+            if not tail.expired():
+                raise
+        except ProviderError as exc:
+            self._ends_whole(call, exc, whole=True)
 
     @staticmethod
     def _apply(tally: _Tally, event: dict[str, object]) -> TextDelta | Heartbeat | InputReported | None:
@@ -614,23 +653,3 @@ def _cache_write_1h(usage: dict[str, object], previous: int) -> int:
     """The 1-hour cache writes of a usage object (``cache_creation.ephemeral_1h_input_tokens``),
     or ``previous`` when it has none."""
     return _latest(object_field(usage.get("cache_creation")).get("ephemeral_1h_input_tokens"), previous)
-
-
-async def _drain(stream: anthropic.AsyncStream[object], deadline: float | None) -> None:
-    """Read what follows ``message_stop`` (the end of the chunked body) so the connection is reused.
-
-    Closing a response before its end closes the connection, and the next call would pay for a
-    new TCP and TLS handshake. A server that sends more, or stalls, gets ``DRAIN_SECONDS``, but
-    never past the call's ``deadline`` (loop time) less ``DEADLINE_MARGIN_SECONDS``, as the
-    OpenAI adapter's drain: the answer is whole, and must not reach the caller after its deadline.
-    An error of the stream meanwhile (a reset) is no failure: the answer and its usage came.
-    """
-    wait = DRAIN_SECONDS
-    if deadline is not None:
-        wait = min(wait, deadline - asyncio.get_running_loop().time() - DEADLINE_MARGIN_SECONDS)
-        if wait <= 0:
-            return
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(wait):
-            while await next_event(stream) is not END_OF_STREAM:
-                pass

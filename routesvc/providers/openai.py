@@ -295,6 +295,13 @@ def _warn_if_unread(
         )
 
 
+def _counted(value: object) -> bool:
+    """Whether a chunk's ``usage`` holds both counts, prompt and completion."""
+    usage = object_field(value)
+    counts = (count_field(usage.get("prompt_tokens")), count_field(usage.get("completion_tokens")))
+    return None not in counts
+
+
 def _add_tool_calls(parts: ToolCallParts, pieces: object) -> str:
     """Fold a delta's ``tool_calls`` pieces into ``parts``; their text (names, arguments)."""
     texts: list[str] = []
@@ -405,17 +412,28 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
             refused = False
             tool_calls = ToolCallParts()
             usage_chunk = False  # the usage-only chunk (no choices) came
+            # The finish chunk (or one after it) carried the usage, both counts: a server that sends
+            # no usage-only chunk (Gemini's OpenAI-compatible endpoint, some gateways).
+            finish_usage = False
             deltas = False  # the stream sends ``delta``s (a ``message`` beside one is not read)
             while True:
-                if finish is None:
-                    event = await self._guard(call, deadline, next_event(sdk_stream))
-                else:
-                    draining = usage_chunk or not self._stream_usage
-                    wait = DRAIN_SECONDS if draining else _USAGE_WAIT_SECONDS
-                    event = await self._after_finish(call, deadline, sdk_stream, wait, draining=draining)
-                if event is END_OF_STREAM:
+                # All that is left is ``[DONE]`` and the body's end (the usage came or was not asked for).
+                draining = usage_chunk or not self._stream_usage
+                try:
+                    if finish is None:
+                        event = await self._guard(call, deadline, next_event(sdk_stream))
+                    else:
+                        wait = DRAIN_SECONDS if draining else _USAGE_WAIT_SECONDS
+                        event = await self._after_finish(call, deadline, sdk_stream, wait)
+                    if event is END_OF_STREAM:
+                        break
+                    chunk = event_object(event, provider=self._name, model=call.model)
+                except ProviderError as exc:
+                    # A usage-only chunk may still come after a finish chunk's usage (and is
+                    # waited for), but the answer and a usage of it came: the error ends it whole.
+                    if not self._ends_whole(call, exc, whole=finish is not None and (draining or finish_usage)):
+                        raise
                     break
-                chunk = event_object(event, provider=self._name, model=call.model)
                 provider_model = provider_model or safe_model(chunk.get("model"), forbidden=forbidden)
                 usage = object_field(chunk.get("usage")) or usage
                 choices = chunk.get("choices")
@@ -448,6 +466,7 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
                     reason = choice.get("finish_reason")
                     if reason is not None and not (isinstance(reason, str) and not reason.strip()):
                         finish = text_field(reason).strip() or "other"
+                finish_usage = finish_usage or (finish is not None and bool(choices) and _counted(chunk.get("usage")))
             if finish is None:
                 raise ProviderUnavailable(
                     describe(self._name, call.model, "stream ended without a finish reason"),
@@ -473,16 +492,12 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
                 await sdk_stream.close()
 
     async def _after_finish(
-        self, call: ProviderCall, deadline: float | None, sdk_stream: _EventStream, wait: float, *, draining: bool
+        self, call: ProviderCall, deadline: float | None, sdk_stream: _EventStream, wait: float
     ) -> object:
         """The stream's next event after the finish reason, or ``END_OF_STREAM`` when none comes
         within ``wait`` seconds, nor before the deadline's margin (see ``DRAIN_SECONDS``): the
-        answer is whole, the stream ends.
-
-        ``draining``: the usage came (or was not asked for), all that is left is ``[DONE]`` and the
-        body's end; an error of the stream then (a connection reset, an error event) ends it too,
-        logged, as the Anthropic adapter's after ``message_stop``: the answer was sent, its usage
-        known. Before that, while the usage is waited for, an error fails the attempt."""
+        answer is whole, the stream ends. An error of the stream is raised: whether it fails the
+        attempt is the caller's to say (``_ends_whole``)."""
         if deadline is not None:
             left = deadline - asyncio.get_running_loop().time()
             # Within the margin, still what has come already (the usage chunk written with the
@@ -497,12 +512,6 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
         except TimeoutError:
             if not tail.expired():
                 raise
-            return END_OF_STREAM
-        except ProviderError as exc:
-            if not draining:
-                raise
-            # The error's fixed code, not its message: nothing the server sent is logged.
-            _log.warning("provider_error_after_finish", provider=self._name, model=call.model, reason=exc.reason)
             return END_OF_STREAM
 
     def _usage(self, call: ProviderCall, usage: Mapping[str, object], output: list[str]) -> tuple[Usage, bool]:

@@ -106,7 +106,13 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
 
     text_sent = 0  # text chunks made so far, for ``continuous_usage``
 
-    def chunk(delta: dict[str, Any], finish: str | None = script.unfinished_finish_reason, **extra: Any) -> bytes:
+    def chunk(
+        delta: dict[str, Any],
+        finish: str | None = script.unfinished_finish_reason,
+        *,
+        whole_usage: bool = False,
+        **extra: Any,
+    ) -> bytes:
         nonlocal text_sent
         text_sent += bool(delta.get("content"))
         data: dict[str, Any] = {
@@ -123,6 +129,8 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
             if script.continuous_usage:
                 so_far = {"prompt_tokens": input_tokens, "completion_tokens": text_sent}
                 data["usage"] = so_far | {"total_tokens": input_tokens + text_sent}
+            if whole_usage:
+                data["usage"] = usage
         return sse(data)
 
     if script.content_parts:
@@ -150,7 +158,7 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
             chunk({"tool_calls": [keyed(index, {"function": {"arguments": piece}})]})
             for piece in call.argument_pieces()
         ]
-    closing: list[bytes | float] = [chunk({}, finish_reason)]
+    closing: list[bytes | float] = [chunk({}, finish_reason, whole_usage=script.usage_on_finish)]
     if script.whole_message_at_end:
         whole = {"role": "assistant", "content": "".join(script.content_chunks())}
         closing = [
@@ -164,7 +172,7 @@ async def respond(connection: Connection, record: RecordedRequest, script: Scrip
         ]
     if script.usage_delay:
         closing.append(script.usage_delay)
-    if include_usage:
+    if include_usage and not script.usage_on_finish:
         usage_chunk = {
             "id": completion_id,
             "object": "chat.completion.chunk",

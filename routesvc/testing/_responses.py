@@ -92,37 +92,46 @@ async def stream_events(
             events = gzip.compress(events) + gzip.flush(zlib.Z_SYNC_FLUSH)
         await connection.send_chunk(events)
 
+    async def inject() -> bool:
+        """Inject ``script.fault``; whether the exchange ends there."""
+        if script.fault is Fault.CUT:
+            await connection.cut()
+        elif script.fault is Fault.RESET:
+            connection.reset()
+        elif script.fault is Fault.HANG and script.hang_seconds is not None:
+            await connection.pause(script.hang_seconds)
+        elif script.fault is Fault.HANG:
+            await connection.hang()
+        elif script.fault is Fault.BAD_FRAMING:
+            await connection.send(b"zz\r\n")
+            await connection.hang()
+        elif script.fault is Fault.MISSING_TERMINATOR:
+            await connection.send(_END_OF_BODY)
+            return True
+        elif script.fault is Fault.ERROR_EVENT:
+            await send_chunk(faults[Fault.ERROR_EVENT])
+            await connection.send(_END_OF_BODY)
+            return True
+        elif script.fault in faults:
+            await send_chunk(faults[script.fault])
+        return False
+
     for event in opening:
         await send_chunk(event)
     chunks = content
     for index in range(len(chunks) + 1):
-        if index == script.fault_after and script.fault is not Fault.NONE:
-            if script.fault is Fault.CUT:
-                await connection.cut()
-            elif script.fault is Fault.RESET:
-                connection.reset()
-            elif script.fault is Fault.HANG and script.hang_seconds is not None:
-                await connection.pause(script.hang_seconds)
-            elif script.fault is Fault.HANG:
-                await connection.hang()
-            elif script.fault is Fault.BAD_FRAMING:
-                await connection.send(b"zz\r\n")
-                await connection.hang()
-            elif script.fault is Fault.MISSING_TERMINATOR:
-                await connection.send(_END_OF_BODY)
-                return
-            elif script.fault is Fault.ERROR_EVENT:
-                await send_chunk(faults[Fault.ERROR_EVENT])
-                await connection.send(_END_OF_BODY)
-                return
-            elif script.fault in faults:
-                await send_chunk(faults[script.fault])
+        at_fault = index == script.fault_after and not script.fault_at_end
+        if at_fault and script.fault is not Fault.NONE and await inject():
+            return
         if index == len(chunks):
             break
         await connection.pause(script.first_chunk_delay if index == 0 else script.chunk_delay)
         await send_chunk(chunks[index])
         record.chunks_sent += 1
-    for step in closing:
+    for position, step in enumerate(closing):
+        at_fault = script.fault_at_end and position == len(closing) - 1
+        if at_fault and script.fault is not Fault.NONE and await inject():
+            return
         if isinstance(step, bytes):
             await send_chunk(step)
         else:

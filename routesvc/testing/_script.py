@@ -176,6 +176,13 @@ class Script:
     # The stream is sent gzip-compressed (``content-encoding: gzip``), whatever the request's
     # ``accept-encoding`` asked.
     gzip_stream: bool = False
+    # ``fault`` comes once the answer, its finish and its usage were sent, before the stream's last
+    # event (the OpenAI format's ``data: [DONE]``, the Anthropic format's ``message_stop``), instead
+    # of after ``fault_after`` content chunks.
+    fault_at_end: bool = False
+    # The OpenAI format's usage is on the finish chunk itself, and no usage-only chunk follows
+    # (Gemini's OpenAI-compatible endpoint, some gateways).
+    usage_on_finish: bool = False
 
     def content_chunks(self) -> tuple[str, ...]:
         """The text pieces this script streams, in order."""
