@@ -226,6 +226,7 @@ wait_serving() {  # target pid [tls-folder]: until RouterService is SERVING (ove
 import os, sys, time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from routesvc.client import direct_channel_options
 
 target, pid = sys.argv[1], int(sys.argv[2])
 if len(sys.argv) > 3:
@@ -233,9 +234,9 @@ if len(sys.argv) > 3:
         with open(os.path.join(sys.argv[3], name), "rb") as file:
             return file.read()
     credentials = grpc.ssl_channel_credentials(read("ca.pem"), read("client.key"), read("client.pem"))
-    channel = grpc.secure_channel(target, credentials)
-else:
-    channel = grpc.insecure_channel(target)
+    channel = grpc.secure_channel(target, credentials, options=direct_channel_options(target))
+else:  # straight to this host, not through a proxy the environment names
+    channel = grpc.insecure_channel(target, options=direct_channel_options(target))
 deadline = time.monotonic() + 60
 with channel:
     stub = health_pb2_grpc.HealthStub(channel)

@@ -260,6 +260,16 @@ def is_loopback_target(target: str) -> bool:
     return all(_is_loopback_host(_host(address)) for address in target.split(","))
 
 
+def direct_channel_options(target: str) -> list[tuple[str, int]]:
+    """The channel options that keep a call to this host off proxies: ``grpc.enable_http_proxy=0``
+    when ``target`` is loopback (``is_loopback_target``), else none. gRPC tunnels every channel
+    through a proxy named by ``grpc_proxy`` / ``https_proxy`` / ``http_proxy``, loopback targets
+    included (Go exempts them; grpc-core does not): the proxy would see a plaintext call, an API key
+    with it, and dial its own loopback rather than this host's. Other targets keep the
+    environment's proxy, which may be the only way out of the network."""
+    return [("grpc.enable_http_proxy", 0)] if is_loopback_target(target) else []
+
+
 def _host(address: str) -> str:
     if address.startswith("["):
         return address[1 : address.find("]")].lower()
@@ -294,10 +304,12 @@ class RouterClient:
 
     Plaintext unless ``credentials`` are given (``tls_credentials(...)``): the CLI's client, for a
     service on this host. ``api_key`` (sent as ``authorization: Bearer``) goes over plaintext only to
-    this host (``is_loopback_target``; then straight to it, never through a proxy the environment
-    names), or where the caller says so with ``insecure=True``; to any
-    other host without credentials it is a ``ConfigError``. (``routesvc_client``, the library for
-    other programs, is TLS by default.)
+    this host (``is_loopback_target``), or where the caller says so with ``insecure=True``; to any
+    other host without credentials it is a ``ConfigError``. A call to this host goes straight to it,
+    never through a proxy the environment names (``direct_channel_options``); a call to another
+    host, ``insecure=True`` with a key included, takes the environment's proxy as gRPC does: the
+    caller chose plaintext across the network, and the proxy may be the only way to that host.
+    (``routesvc_client``, the library for other programs, is TLS by default.)
 
     A call given no ``timeout`` gets ``default_timeout`` (``DEFAULT_TIMEOUT``, 30 s), a Complete
     stream ``default_stream_timeout`` (``DEFAULT_STREAM_TIMEOUT``, 5 minutes, for the whole
@@ -322,13 +334,11 @@ class RouterClient:
                 "or allow plaintext to that host explicitly (--insecure)"
             )
         if channel is None and credentials is not None:
-            channel = grpc.aio.secure_channel(target, credentials)
+            channel = grpc.aio.secure_channel(target, credentials, options=direct_channel_options(target))
         elif channel is None:
-            # A key trusted to plaintext because the target is this host must not leave it: gRPC
-            # would tunnel it through a proxy named by grpc_proxy / https_proxy / http_proxy (no
-            # exemption for loopback), which then sees it in the clear.
-            direct = [("grpc.enable_http_proxy", 0)] if api_key and not insecure else []
-            channel = grpc.aio.insecure_channel(target, options=direct)
+            # A key trusted to plaintext because the target is this host must not leave it, and no
+            # call to this host goes through a proxy the environment names (direct_channel_options).
+            channel = grpc.aio.insecure_channel(target, options=direct_channel_options(target))
         self._channel = channel
         self._stub = pb_grpc.RouterServiceStub(self._channel)
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()

@@ -13,6 +13,7 @@ from routesvc.errors import ConfigError
 from routesvc.server import Server
 from routesvc.testing import FakeProvider, Script
 from tests.conftest import user_chat
+from tests.connect_proxy import ConnectProxy
 
 
 class TestDefaultDeadlines:
@@ -145,6 +146,35 @@ class TestPlaintextApiKey:
                 assert await client.list_models()
             with pytest.raises(BlockingIOError):
                 proxy.accept()
+
+    @pytest.mark.parametrize("variable", ["grpc_proxy", "https_proxy", "http_proxy"])
+    @pytest.mark.parametrize(("api_key", "insecure"), [(None, False), ("secret", True)], ids=["no key", "insecure key"])
+    async def test_a_call_to_this_host_never_goes_through_a_proxy(
+        self, server: Server, monkeypatch: pytest.MonkeyPatch, variable: str, api_key: str | None, insecure: bool
+    ) -> None:
+        """A loopback target is dialled directly whatever proxy the environment names, with no key
+        (``routesvc models`` behind a corporate proxy) and with a key under ``insecure=True``: a
+        relaying CONNECT proxy is asked for no tunnel and carries nothing, and the call succeeds."""
+        async with ConnectProxy() as proxy:
+            for name in ("no_proxy", "NO_PROXY", "no_grpc_proxy", "grpc_proxy", "https_proxy", "http_proxy"):
+                monkeypatch.delenv(name, raising=False)
+            monkeypatch.setenv(variable, proxy.url)
+            async with RouterClient(server.target, api_key=api_key, insecure=insecure, default_timeout=5) as client:
+                assert await client.list_models()
+            assert (proxy.requests, bytes(proxy.relayed)) == ([], b"")
+
+    async def test_a_call_to_another_host_takes_the_environments_proxy(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Only this host is exempt: plaintext to another host (``insecure=True``, key included,
+        the caller's choice) goes through the proxy the environment names, as gRPC does, since
+        it may be the only way there."""
+        async with ConnectProxy() as proxy:
+            for name in ("no_proxy", "NO_PROXY", "no_grpc_proxy", "grpc_proxy", "http_proxy"):
+                monkeypatch.delenv(name, raising=False)
+            monkeypatch.setenv("https_proxy", proxy.url)
+            async with RouterClient("192.0.2.1:50051", api_key="secret", insecure=True, default_timeout=1) as client:
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await client.list_models()
+            assert proxy.requests == [b"CONNECT 192.0.2.1:50051 HTTP/1.1"]
 
     async def test_no_key_no_refusal(self) -> None:
         """Without a key there is nothing to protect: plaintext to any host is allowed."""

@@ -13,8 +13,10 @@ everything; nothing is skipped.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib.metadata
+import json
 import os
 import re
 import shutil
@@ -34,6 +36,9 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from routesvc.config import parse_config
+from routesvc.server import Server
+from tests.conftest import process_environ
+from tests.connect_proxy import ConnectProxy
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -611,6 +616,26 @@ class TestDockerfile:
         assert final["ENTRYPOINT"] == '["routesvc", "serve"]'
         assert final["EXPOSE"] == "50051"
         assert "grpc_health" in final["HEALTHCHECK"]
+
+    @pytest.mark.parametrize("variable", ["https_proxy", "http_proxy", "grpc_proxy"])
+    async def test_the_healthcheck_is_healthy_with_a_proxy_in_the_environment(
+        self, server: Server, variable: str
+    ) -> None:
+        """The HEALTHCHECK command, run as Docker runs it against a serving routesvc, exits 0 with a
+        proxy variable set (the usual way to send provider egress through a proxy; Docker's client
+        config injects them into every container): it dials the container's own port directly, and
+        the proxy (a relaying CONNECT proxy) is asked for no tunnel."""
+        healthcheck = dict(_final_stage(_instructions(DOCKERFILE)))["HEALTHCHECK"]
+        program, *arguments = json.loads(healthcheck.partition(" CMD ")[2])
+        assert program == "python"
+        async with ConnectProxy() as proxy:
+            no_proxy = ("no_proxy", "NO_PROXY", "no_grpc_proxy", "grpc_proxy", "https_proxy", "http_proxy")
+            env = {k: v for k, v in process_environ().items() if k not in no_proxy}
+            env |= {variable: proxy.url, "ROUTESVC_HEALTH_TARGET": server.target}
+            process = await asyncio.create_subprocess_exec(sys.executable, *arguments, env=env)
+            async with asyncio.timeout(30):
+                assert await process.wait() == 0
+            assert proxy.requests == []
 
 
 class TestCompose:

@@ -18,6 +18,9 @@ PINNED_MODEL = "claude-sonnet"
 """The catalog model the scripted tests pin, so that the fake provider's script queue for its provider
 model name is consumed only by them, never by the unscripted tests (routed to the default gpt-4o-mini)."""
 
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+"""Opens the fake provider's loopback URL directly, never through a proxy the environment names."""
+
 Script = Callable[..., Awaitable[None]]
 Upstream = Callable[[], Awaitable[dict[str, Any]]]
 
@@ -57,7 +60,7 @@ def script(client: RouterClient, fake_url: str) -> Script:
         request = urllib.request.Request(  # noqa: S310
             f"{fake_url}{path}", data=json.dumps(payload).encode(), headers={"content-type": "application/json"}
         )
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+        with _DIRECT.open(request, timeout=10) as response:
             assert response.status == 200
 
     async def enqueue(**fields: Any) -> None:
@@ -75,8 +78,7 @@ def upstream(fake_url: str) -> Upstream:
     (completed, cut or aborted by routesvc): ``aborted`` says whether routesvc closed it early."""
 
     def requests() -> list[dict[str, Any]]:
-        # S310: the URL is the loopback fake named by the test environment, always http.
-        with urllib.request.urlopen(f"{fake_url}/_fake/requests", timeout=10) as response:  # noqa: S310
+        with _DIRECT.open(f"{fake_url}/_fake/requests", timeout=10) as response:
             recorded: list[dict[str, Any]] = json.load(response)["requests"]
         return recorded
 

@@ -201,7 +201,56 @@ class _Listener:
                 self.idle.set()
 
 
+class _ConnectProxy:
+    """An HTTP CONNECT proxy that records each tunnel asked of it and relays it, as a corporate
+    proxy would: a client that goes through it still gets its answer."""
+
+    def __init__(self) -> None:
+        self.requests: list[bytes] = []
+        self.relayed = bytearray()
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await reader.readuntil(b"\r\n")
+            self.requests.append(line.strip())
+            while await reader.readuntil(b"\r\n") != b"\r\n":
+                pass
+            host, _, port = line.split()[1].decode().rpartition(":")
+            upstream_reader, upstream_writer = await asyncio.open_connection(host.strip("[]"), int(port))
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+            async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, record: bool) -> None:
+                while data := await source.read(65536):
+                    if record:
+                        self.relayed.extend(data)
+                    sink.write(data)
+                sink.close()
+
+            await asyncio.gather(pipe(reader, upstream_writer, True), pipe(upstream_reader, writer, False))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
 class TestTransport:
+    @pytest.mark.parametrize("variable", ["grpc_proxy", "https_proxy", "http_proxy"])
+    async def test_a_key_to_this_host_never_goes_through_a_proxy(
+        self, target: str, variable: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """``insecure=True`` to a loopback target dials it directly, whatever proxy the environment
+        names (gRPC would tunnel it, key and all, through that proxy in the clear): the call
+        succeeds, and a relaying CONNECT proxy is asked for nothing and carries nothing."""
+        proxy = _ConnectProxy()
+        server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+        async with server:
+            for name in ("no_proxy", "NO_PROXY", "no_grpc_proxy", "grpc_proxy", "https_proxy", "http_proxy"):
+                monkeypatch.delenv(name, raising=False)
+            monkeypatch.setenv(variable, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+            async with RouterClient(target, api_key="interop-secret-key", insecure=True, default_timeout=10) as client:
+                assert await client.list_models()
+        assert (proxy.requests, bytes(proxy.relayed)) == ([], b"")
+
     async def test_tls_is_the_default_so_the_api_key_never_goes_out_in_cleartext(self) -> None:
         """Without ``insecure=True`` the client speaks TLS, as the Go, Java and TypeScript clients
         do: what reaches the server is a TLS handshake, never the API key in the clear."""

@@ -10,7 +10,13 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from routesvc.client import DEFAULT_STREAM_TIMEOUT, DEFAULT_TIMEOUT, CompleteStream, checked_timeout
+from routesvc.client import (
+    DEFAULT_STREAM_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    CompleteStream,
+    checked_timeout,
+    direct_channel_options,
+)
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
 
@@ -29,12 +35,13 @@ class RouterClient:
     TLS: with the system roots, or ``credentials`` (``grpc.ssl_channel_credentials(ca, key,
     cert)`` for a private CA or mutual TLS); ``insecure=True`` is plaintext, for loopback and tests,
     and the caller's explicit choice to send ``api_key`` over it, as the Go client's
-    ``WithInsecure()``. ``api_key`` is sent as ``authorization: Bearer <key>`` on every call. Each
-    call takes a
-    ``timeout`` in seconds (the gRPC deadline) and extra ``metadata``. A call given no ``timeout``
-    gets ``default_timeout`` (``DEFAULT_TIMEOUT``, 30 s), a Complete stream
-    ``default_stream_timeout`` (``DEFAULT_STREAM_TIMEOUT``, 5 minutes, for the whole answer); None
-    turns a default off. Calls made through ``stub`` take only the ``timeout`` given to them.
+    ``WithInsecure()``. ``api_key`` is sent as ``authorization: Bearer <key>`` on every call. A
+    loopback target (127.0.0.0/8, ``::1``, ``localhost``) is dialled directly, never through a proxy
+    named by ``grpc_proxy`` / ``https_proxy`` / ``http_proxy`` (as Go's client does); other targets
+    take that proxy, as gRPC does. Each call takes a ``timeout`` in seconds (the gRPC deadline) and
+    extra ``metadata``. A call given no ``timeout`` gets ``default_timeout`` (``DEFAULT_TIMEOUT``,
+    30 s), a Complete stream ``default_stream_timeout`` (``DEFAULT_STREAM_TIMEOUT``, 5 minutes, for
+    the whole answer); None turns a default off. Calls made through ``stub`` take only the ``timeout`` given to them.
     """
 
     def __init__(
@@ -52,9 +59,11 @@ class RouterClient:
         if insecure:
             if credentials is not None:
                 raise ValueError("insecure=True with credentials: choose TLS or plaintext")
-            self._channel = grpc.aio.insecure_channel(target)
+            self._channel = grpc.aio.insecure_channel(target, options=direct_channel_options(target))
         else:
-            self._channel = grpc.aio.secure_channel(target, credentials or grpc.ssl_channel_credentials())
+            self._channel = grpc.aio.secure_channel(
+                target, credentials or grpc.ssl_channel_credentials(), options=direct_channel_options(target)
+            )
         self.stub = pb_grpc.RouterServiceStub(self._channel)
         """The generated stub, for what the wrapper does not cover (e.g. reading response metadata)."""
         self._health = health_pb2_grpc.HealthStub(self._channel)
