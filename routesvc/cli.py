@@ -406,12 +406,24 @@ def _client_error(error: grpc.aio.AioRpcError, target: str = "") -> int:
                 info = error_details_pb2.ErrorInfo()
                 if detail.Unpack(info):
                     reason = f" [{info.reason}]"
-    hint = ""
-    if error.code() is grpc.StatusCode.UNAVAILABLE and "failed to connect" in (error.details() or ""):
-        # The channel's own failure, not routesvc's: say what to check.
-        hint = f" (is routesvc serving at {target}? start it with `make run`, or pass --target HOST:PORT)"
+    hint = _connect_hint(error.details() or "", target) if error.code() is grpc.StatusCode.UNAVAILABLE else ""
     print(f"error: {error.code().name}: {error.details()}{reason}{hint}", file=sys.stderr)
     return 1
+
+
+def _connect_hint(details: str, target: str) -> str:
+    """What to check when the channel itself failed, not routesvc: nothing listens at ``target`` (or
+    its name does not resolve), or the server speaks TLS the client's settings do not match (a
+    plaintext call or one without the client certificate mutual TLS requires: the server closes the
+    socket; a certificate not verified: the handshake fails). Anything else: no guess."""
+    if "errors resolving" in details or "DNS resolution failed" in details or "Connection refused" in details:
+        return f" (is routesvc serving at {target}? start it with `make run`, or pass --target HOST:PORT)"
+    if "failed to connect" in details and ("Socket closed" in details or "handshake" in details.lower()):
+        return (
+            f" (does {target} serve TLS? pass --tls-ca PEM for its CA (--tls for the system roots), and"
+            " --tls-cert PEM --tls-key PEM if it requires a client certificate)"
+        )
+    return ""
 
 
 def _client(args: argparse.Namespace) -> RouterClient:

@@ -385,6 +385,16 @@ class TestNoServer:
         assert line.startswith("error: UNAVAILABLE: ")
         assert f"is routesvc serving at {target}? start it with `make run`, or pass --target HOST:PORT" in line
 
+    def test_a_target_whose_name_does_not_resolve_says_what_to_check(self) -> None:
+        """A --target name that does not resolve (a typo) gets the same hint (it got none)."""
+        result = _run("route", "--target", "routesvc.invalid:50051", "--timeout", "5", "hi")
+        assert (result.returncode, "Traceback" in result.stderr) == (1, False)
+        (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert line.startswith("error: UNAVAILABLE: ")
+        assert line.endswith(
+            "(is routesvc serving at routesvc.invalid:50051? start it with `make run`, or pass --target HOST:PORT)"
+        )
+
 
 class TestStandardInput:
     @pytest.mark.parametrize("command", ["route", "complete"])

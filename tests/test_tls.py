@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import shutil
 import socket
@@ -110,6 +111,37 @@ class TestMutualTls:
         async with _client(server, pki, "stranger", api_key="globex-key") as client:
             decision = await client.route(user_chat("hi"), pb.RoutingContext(user_tier="premium"))
         assert decision.model == "gpt-4o"
+
+
+class TestCliAgainstTls:
+    """What a client command says when its TLS settings do not match a routesvc serving mutual TLS:
+    to look at the TLS flags, not to start a server with ``make run`` (one is serving)."""
+
+    @pytest.mark.parametrize(
+        "flags",
+        [(), ("--tls-ca", "{pki}/ca.pem"), ("--tls",)],
+        ids=["plaintext", "without-the-client-certificate", "unverified-server-certificate"],
+    )
+    async def test_a_tls_mismatch_names_the_tls_flags(self, mtls: tuple[Server, Path], flags: tuple[str, ...]) -> None:
+        """Plaintext to the TLS port and TLS without the client certificate (the server closes the
+        socket), and TLS that cannot verify the server's certificate (the handshake fails): one
+        ``error: UNAVAILABLE`` line, exit 1, with the TLS hint."""
+        server, pki = mtls
+        target = f"localhost:{server.port}"
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "routesvc", "models", "--target", target, "--timeout", "5",
+            *(flag.format(pki=pki) for flag in flags),
+            cwd=REPO, env=process_environ(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        async with asyncio.timeout(60):
+            _, stderr = await process.communicate()
+        (line,) = [line for line in stderr.decode().splitlines() if line.startswith("error: ")]
+        assert (process.returncode, line.startswith("error: UNAVAILABLE: ")) == (1, True), stderr
+        assert "make run" not in line
+        assert line.endswith(
+            f"(does {target} serve TLS? pass --tls-ca PEM for its CA (--tls for the system roots), and"
+            " --tls-cert PEM --tls-key PEM if it requires a client certificate)"
+        )
 
 
 @pytest.fixture(scope="module")
