@@ -10,7 +10,9 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
+from routesvc.client import build_chat
 from routesvc.testing import BatchOutcome, FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import default_config, live_environ, settings_from, until, user_chat
@@ -119,6 +121,57 @@ class TestGenAIMetrics:
         assert answered == expected
         assert [span["gen_ai.response.model"] for span in spans] == expected
         assert labels == set(expected)
+
+    @pytest.mark.parametrize(
+        ("model", "name", "turns"),
+        [
+            ("gpt-4o-mini", "ft:gpt-4o-mini:org:custom:id", ["What happened after the war?"]),
+            ("gpt-4o-mini", "ft:gpt-4o-mini:org:custom:id", ["Did it work?"]),
+            ("gpt-4o-mini", "gpt-4o-mini-2024-07-18", ["4"]),
+            ("gpt-4o-mini", "gpt-4o-mini-2024-07-18", ["How much is 2024-07-18 minus a year?"]),
+            ("gpt-4o-mini", "/models/Qwen2.5-7B-Instruct", ["Which models are best for code?"]),
+            ("gpt-4o-mini", "llama3.2:3b", ["Translate 0x3b to decimal."]),
+            ("gpt-4o-mini", "llama3.2:latest", ["What is the latest version of Python?"]),
+            ("gpt-4o-mini", "anthropic/claude-3.5-sonnet", ["Who founded anthropic?"]),
+            ("gpt-4o-mini", "openai/gpt-4o", ["we use openai at work"]),
+            ("claude-sonnet", "claude-sonnet-4-5-20250929", ["Pick a number from 1 to 9", "5", "Another one?"]),
+        ],
+    )
+    async def test_a_real_model_name_is_recorded_whatever_short_pieces_of_it_the_messages_hold(
+        self, observed: Observed, fake: FakeProvider, model: str, name: str, turns: list[str]
+    ) -> None:
+        """A provider's own name for the model (dated, fine-tuned, a path, a tag) is the
+        Completion's provider_model, the span's and the metric label even when a message holds
+        a short piece of it ("ft" in "after", "models", "3b", "latest") or is one character that
+        is in it (a user's "4", an assistant's "5"): only a piece long enough to carry content
+        is an echo. It was replaced by the catalog's name, a fine-tune reading as its base."""
+        fake.enqueue(Script(model=name), model=fake_model(model))
+        roles = ["user", "assistant"] * len(turns)
+        chat = build_chat(list(zip(roles, turns, strict=False)))
+        messages = [m async for m in observed.client.complete(chat, pb.RoutingContext(model=model))]
+        spans = [dict(s.attributes or {}) for s in observed.finished() if s.name.startswith("chat ")]
+        labels = {dict(p.attributes)["gen_ai.response.model"] for p in observed.points("gen_ai.client.token.usage")}
+        assert (messages[-1].completion.provider_model, spans[-1]["gen_ai.response.model"], labels) == (
+            name,
+            name,
+            {name},
+        )
+
+    async def test_a_streamed_model_name_not_taken_is_checked_once_not_at_every_chunk(
+        self, observed: Observed, fake: FakeProvider
+    ) -> None:
+        """An OpenAI-compatible server that repeats an echoing ``model`` in each of 300 chunks
+        has it checked (and logged as not taken) once: each check searches every message, and
+        it ran again at every chunk, a prompt-sized scan per chunk on the event loop."""
+        prompt = "canaryprompt-zq9 " * 1000
+        fake.enqueue(Script(model="echo:canaryprompt-zq9", chunk_count=300), model="gpt-4o-mini")
+        context = pb.RoutingContext(model="gpt-4o-mini")
+        with capture_logs() as logs:
+            messages = [m async for m in observed.client.complete(user_chat(prompt), context)]
+        assert messages[-1].completion.provider_model == "gpt-4o-mini"
+        assert [log for log in logs if log["event"] == "provider_model_not_taken"] == [
+            {"event": "provider_model_not_taken", "reason": "prompt", "log_level": "info"}
+        ]
 
     async def test_a_failed_attempt_has_an_error_type(self, observed: Observed, fake: FakeProvider) -> None:
         """The duration of a failed attempt is recorded with error.type."""

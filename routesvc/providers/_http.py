@@ -53,6 +53,12 @@ _KEY_PREFIX = "sk-"
 # ``anthropic.claude-3-5-sonnet-20240620-v1:0``; no spaces, at most 128 characters.
 _MODEL_ID = re.compile(r"[A-Za-z0-9_.:/@\-]{1,128}")
 _MODEL_ID_SEPARATORS = re.compile(r"[:/@]")
+# What of a reported model name counts as an echo (``safe_model``): a run of this many of its
+# characters found in a message, a whole message of this many found in it, a run of this many
+# found in the key.
+_ECHO_PIECE = 12
+_ECHO_MESSAGE = 8
+_KEY_PIECE = 8
 # An HTTP status as a code (vLLM's 400, LiteLLM's "429"): three digits say nothing of a prompt or a
 # key, and a prompt with a number in it ("1400") must not turn the status into no code at all.
 _STATUS_CODE = re.compile(r"[0-9]{1,3}")
@@ -119,18 +125,51 @@ def safe_code(value: object, *, forbidden: Iterable[str] = ()) -> str:
     return _safe(value, _SAFE_CODE, forbidden)
 
 
-def safe_model(value: object, *, forbidden: Iterable[str] = ()) -> str:
-    """``value`` when it looks like a model id (``_MODEL_ID``), else "" (the adapter then names
-    the model it asked for). A response's ``model`` goes into spans, metric labels and the
-    Completion with content capture off, so a gateway that echoes the prompt or the key there,
-    whole or wrapped (``echo:<prompt>``, ``key-<key>``), must not get it through: no
-    ``forbidden`` text may occur in it, and each of its ``:``/``/``/``@``-separated parts must
-    pass the check ``safe_code`` makes (not inside a forbidden text, not ``sk-...``)."""
-    texts = [text for text in forbidden if text]
-    if not isinstance(value, str) or not _MODEL_ID.fullmatch(value) or any(text in value for text in texts):
-        return ""
-    parts = [part for part in _MODEL_ID_SEPARATORS.split(value) if part]
-    return value if all(_safe(part, _MODEL_ID, texts) for part in parts) else ""
+def safe_model(value: object, *, asked: str = "", messages: Iterable[str] = (), key: str = "") -> str:
+    """``value`` when it looks like a model id (``_MODEL_ID``) and echoes neither the request's
+    ``messages`` nor the ``key``, else "" (the adapter then names the model it ``asked`` for).
+
+    A response's ``model`` goes into spans, metric labels and the Completion with content
+    capture off, so a gateway that echoes the prompt or the key there, whole, cut or wrapped
+    (``echo:<prompt>``, ``key-<key>``), must not get it through. But real names are made of
+    pieces ordinary text holds (``ft``, ``org``, ``id``, ``4o``, ``models``, ``latest``,
+    ``anthropic``), and a message may be a single ``4`` or ``5``: a name is not an echo because
+    a short piece of it is in a message or a short message is in it. So, for the messages,
+    only what can carry content counts: a piece of the name of at least ``_ECHO_PIECE``
+    characters found in a message, or a whole message of at least ``_ECHO_MESSAGE`` characters
+    found in the name. The start of the name that is the model asked for (a dated or
+    fine-tuned version, ``gpt-4o-mini-2024-07-18``, is named after it) is the caller's own
+    choice, not the provider's, and is left out of that search. The key is random, so no real
+    name has a piece of it: the name may not hold the key, nor a piece of ``_KEY_PIECE``
+    characters of it, nor a ``:``/``/``/``@``-separated part shaped like a key (``sk-...``).
+    Each check runs once per name (callers check a streamed name again only when it changes):
+    a piece search is up to ~120 substring scans of each message."""
+    if not isinstance(value, str) or not _MODEL_ID.fullmatch(value):
+        return _not_taken(value, "shape")
+    parts = _MODEL_ID_SEPARATORS.split(value)
+    if any(part.lower().startswith(_KEY_PREFIX) for part in parts):
+        return _not_taken(value, "credential")
+    if key and (key in value or any(piece in key for piece in _pieces(value, _KEY_PIECE))):
+        return _not_taken(value, "key")
+    own = value[len(asked) :] if asked and value.startswith(asked) else value
+    texts = [text for text in messages if text]
+    if any(len(text) >= _ECHO_MESSAGE and text in own for text in texts):
+        return _not_taken(value, "prompt")
+    if any(piece in text for piece in _pieces(own, _ECHO_PIECE) for text in texts):
+        return _not_taken(value, "prompt")
+    return value
+
+
+def _pieces(value: str, size: int) -> set[str]:
+    """Every run of ``size`` characters in ``value`` (none if it is shorter)."""
+    return {value[start : start + size] for start in range(len(value) - size + 1)}
+
+
+def _not_taken(value: object, reason: str) -> str:
+    """ "" for a reported model name ``safe_model`` does not take, logged with why (never the name)."""
+    if value not in (None, ""):
+        _log.info("provider_model_not_taken", reason=reason)
+    return ""
 
 
 def _safe(value: object, shape: re.Pattern[str], forbidden: Iterable[str]) -> str:

@@ -493,7 +493,13 @@ class AnthropicProvider(SdkAdapter[anthropic.AsyncAnthropic]):
                 usage=usage,
                 finish_reason=map_stop_reason(tally.stop_reason, made_calls=bool(calls)),
                 provider_model=(
-                    safe_model(tally.provider_model, forbidden=never_echoed(call, self._api_key)) or call.provider_model
+                    safe_model(
+                        tally.provider_model,
+                        asked=call.provider_model,
+                        messages=[message.content for message in call.messages],
+                        key=self._api_key,
+                    )
+                    or call.provider_model
                 ),
                 tool_calls=calls,
                 estimated=estimated,

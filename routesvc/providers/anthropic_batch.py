@@ -53,9 +53,9 @@ class AnthropicBatches:
 
     def __init__(self, name: str, api_key: str | None, base_url: str | None = None, *, timeout: float = 60.0) -> None:
         self._name = name
-        # What a result's ``model`` may not hold (``safe_model``): the key. A job's prompt is not
+        # What a result's ``model`` may not echo (``safe_model``): the key. A job's prompt is not
         # at hand when its result is read.
-        self._forbidden = [api_key] if api_key else []
+        self._key = api_key or ""
         # As for realtime calls (``AnthropicProvider``): the SDK's own spans and trace propagation
         # off, so it reads no ANTHROPIC_OPEN_TELEMETRY* variable (config.py owns the environment)
         # and a global tracer provider gets no spans of batch calls, whose bodies hold prompts.
@@ -161,7 +161,7 @@ class AnthropicBatches:
         )
         text = content.decode("utf-8", errors="replace")
         lines, malformed = result_lines(text, provider=self._name, provider_batch=batch_id)
-        results = [guarded_line(line, lambda line: _entry_result(line, self._forbidden)) for line in lines]
+        results = [guarded_line(line, lambda line: _entry_result(line, self._key)) for line in lines]
         results += [ItemResult(custom_id, BatchState.FAILED, error="malformed_result") for custom_id in malformed]
         return results
 
@@ -186,7 +186,7 @@ class AnthropicBatches:
         return True
 
 
-def _entry_result(line: dict[str, Any], forbidden: list[str]) -> ItemResult:
+def _entry_result(line: dict[str, Any], key: str) -> ItemResult:
     """One line of a batch's results (a line of another shape raises: ``guarded_line``)."""
     custom_id = line["custom_id"]
     if not isinstance(custom_id, str):
@@ -223,7 +223,7 @@ def _entry_result(line: dict[str, Any], forbidden: list[str]) -> ItemResult:
                 cache_write_1h_input_tokens=min(written_1h, written),
             ),
             finish_reason=map_stop_reason(message.get("stop_reason"), made_calls=bool(calls)),
-            provider_model=safe_model(message.get("model"), forbidden=forbidden),
+            provider_model=safe_model(message.get("model"), key=key),
             tool_calls=calls,
             input_reported=input_tokens is not None,
             output_reported=output_tokens is not None,

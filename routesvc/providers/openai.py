@@ -407,6 +407,7 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
             usage: dict[str, object] = {}
             finish: str | None = None
             provider_model = ""
+            checked_model: object = None  # the last reported ``model`` safe_model looked at
             forbidden = never_echoed(call, self._api_key)
             output: list[str] = []
             refused = False
@@ -434,7 +435,17 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
                     if not self._ends_whole(call, exc, whole=finish is not None and (draining or finish_usage)):
                         raise
                     break
-                provider_model = provider_model or safe_model(chunk.get("model"), forbidden=forbidden)
+                reported_model = chunk.get("model")
+                if not provider_model and reported_model != checked_model:
+                    # Checked once per name: OpenAI-compatible servers (Ollama, vLLM) repeat it in
+                    # every chunk, and a check of a rejected name searches every message.
+                    checked_model = reported_model
+                    provider_model = safe_model(
+                        reported_model,
+                        asked=call.provider_model,
+                        messages=[message.content for message in call.messages],
+                        key=self._api_key,
+                    )
                 usage = object_field(chunk.get("usage")) or usage
                 choices = chunk.get("choices")
                 usage_chunk = usage_chunk or (bool(object_field(chunk.get("usage"))) and not choices)

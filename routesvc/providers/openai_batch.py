@@ -59,9 +59,9 @@ class OpenAIBatches:
 
     def __init__(self, name: str, api_key: str | None, base_url: str | None = None, *, timeout: float = 60.0) -> None:
         self._name = name
-        # What a result's ``model`` may not hold (``safe_model``): the key. A job's prompt is not
+        # What a result's ``model`` may not echo (``safe_model``): the key. A job's prompt is not
         # at hand when its result is read.
-        self._forbidden = [api_key] if api_key else []
+        self._key = api_key or ""
         self._client = openai.AsyncOpenAI(
             api_key=api_key or "unused",
             base_url=base_url or DEFAULT_BASE_URL,
@@ -237,7 +237,7 @@ class OpenAIBatches:
         output, unreadable = await self._lines(batch.output_file_id)
         errors, unreadable_errors = await self._lines(batch.error_file_id)
         for line in output:
-            results.append(guarded_line(line, lambda line: self._item(line, batch.status, self._forbidden)))
+            results.append(guarded_line(line, lambda line: self._item(line, batch.status, self._key)))
         for line in errors:
             results.append(guarded_line(line, lambda line: _error_item(line, batch.status)))
         for custom_id in unreadable + unreadable_errors:
@@ -245,7 +245,7 @@ class OpenAIBatches:
         return results
 
     @staticmethod
-    def _item(line: dict[str, Any], status: str, forbidden: list[str]) -> ItemResult:
+    def _item(line: dict[str, Any], status: str, key: str) -> ItemResult:
         custom_id = str(line.get("custom_id"))
         response = line.get("response") or {}
         body = response.get("body") or {}
@@ -273,7 +273,7 @@ class OpenAIBatches:
                 cached_input_tokens=reported_count(details, "cached_tokens") or 0,
             ),
             finish_reason=FinishReason.CONTENT_FILTER if refusal else finish,
-            provider_model=safe_model(body.get("model"), forbidden=forbidden),
+            provider_model=safe_model(body.get("model"), key=key),
             tool_calls=calls,
             input_reported=input_tokens is not None,
             output_reported=output_tokens is not None,
