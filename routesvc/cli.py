@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -413,17 +414,30 @@ def _client_error(error: grpc.aio.AioRpcError, target: str = "") -> int:
 
 def _connect_hint(details: str, target: str) -> str:
     """What to check when the channel itself failed, not routesvc: nothing listens at ``target`` (or
-    its name does not resolve), or the server speaks TLS the client's settings do not match (a
-    plaintext call or one without the client certificate mutual TLS requires: the server closes the
-    socket; a certificate not verified: the handshake fails). Anything else: no guess."""
-    if "errors resolving" in details or "DNS resolution failed" in details or "Connection refused" in details:
+    its name does not resolve), the proxy the environment names does not resolve, or the server
+    speaks TLS the client's settings do not match (a plaintext call or one without the client
+    certificate mutual TLS requires: the server closes the socket; a certificate not verified: the
+    handshake fails; a TLS call to a plaintext server: the answer is no TLS record at all).
+    Anything else: no guess."""
+    resolving = _UNRESOLVED.search(details)
+    if resolving and not target.endswith(resolving.group(1)):
+        return (
+            f" (the proxy {resolving.group(1)} named by grpc_proxy, https_proxy or http_proxy does not"
+            " resolve; fix it, or list the target in no_proxy)"
+        )
+    if resolving or "DNS resolution failed" in details or "Connection refused" in details:
         return f" (is routesvc serving at {target}? start it with `make run`, or pass --target HOST:PORT)"
+    if "WRONG_VERSION_NUMBER" in details:
+        return f" (does {target} serve plaintext? then leave out --tls, --tls-ca, --tls-cert and --tls-key)"
     if "failed to connect" in details and ("Socket closed" in details or "handshake" in details.lower()):
         return (
             f" (does {target} serve TLS? pass --tls-ca PEM for its CA (--tls for the system roots), and"
             " --tls-cert PEM --tls-key PEM if it requires a client certificate)"
         )
     return ""
+
+
+_UNRESOLVED = re.compile(r"errors resolving (\S+?):? \[")
 
 
 def _client(args: argparse.Namespace) -> RouterClient:

@@ -395,6 +395,19 @@ class TestNoServer:
             "(is routesvc serving at routesvc.invalid:50051? start it with `make run`, or pass --target HOST:PORT)"
         )
 
+    def test_a_proxy_whose_name_does_not_resolve_is_named_not_the_target(self) -> None:
+        """A plaintext call to another host goes through the proxy the environment names; when that
+        name does not resolve, the hint names the proxy (it told to start routesvc at the target)."""
+        env = {"https_proxy": "http://proxy.invalid:3128", "grpc_proxy": "http://proxy.invalid:3128"}
+        result = _run("models", "--target", "192.0.2.1:50051", "--insecure", "--timeout", "5", env=env)
+        (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert (result.returncode, line.startswith("error: UNAVAILABLE: ")) == (1, True), result.stderr
+        assert "make run" not in line
+        assert line.endswith(
+            "(the proxy proxy.invalid:3128 named by grpc_proxy, https_proxy or http_proxy does not resolve;"
+            " fix it, or list the target in no_proxy)"
+        )
+
 
 class TestStandardInput:
     @pytest.mark.parametrize("command", ["route", "complete"])

@@ -143,6 +143,27 @@ class TestCliAgainstTls:
             " --tls-cert PEM --tls-key PEM if it requires a client certificate)"
         )
 
+    @pytest.mark.parametrize("flags", [("--tls-ca", "{pki}/ca.pem"), ("--tls",)], ids=["tls-ca", "tls"])
+    async def test_a_tls_call_to_a_plaintext_server_says_to_leave_the_tls_flags_out(
+        self, live_server: Server, tmp_path: Path, flags: tuple[str, ...]
+    ) -> None:
+        """TLS to a routesvc serving plaintext fails the handshake (WRONG_VERSION_NUMBER): the hint
+        says to leave the TLS flags out (it said to pass --tls-ca, which the caller had passed)."""
+        pki = make_pki(tmp_path)
+        target = f"localhost:{live_server.port}"
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "routesvc", "models", "--target", target, "--timeout", "5",
+            *(flag.format(pki=pki) for flag in flags),
+            cwd=REPO, env=process_environ(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        async with asyncio.timeout(60):
+            _, stderr = await process.communicate()
+        (line,) = [line for line in stderr.decode().splitlines() if line.startswith("error: ")]
+        assert (process.returncode, line.startswith("error: UNAVAILABLE: ")) == (1, True), stderr
+        assert line.endswith(
+            f"(does {target} serve plaintext? then leave out --tls, --tls-ca, --tls-cert and --tls-key)"
+        )
+
 
 @pytest.fixture(scope="module")
 def shared_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
