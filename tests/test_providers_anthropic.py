@@ -554,6 +554,29 @@ class TestMidStreamFailures:
         assert error_type in error.message
         assert_sanitized(error)
 
+    @pytest.mark.parametrize(
+        ("error_type", "error_class"),
+        [("billing_error", ProviderQuotaExhausted), ("invalid_request_error", ProviderRejected)],
+    )
+    @pytest.mark.parametrize("prompt", ["hello", "Why does Claude answer invalid_request_error or billing_error?"])
+    async def test_an_in_band_error_is_read_alike_whatever_the_prompt_says_of_its_type(
+        self,
+        fake: FakeProvider,
+        provider: AnthropicProvider,
+        prompt: str,
+        error_type: str,
+        error_class: type[ProviderError],
+    ) -> None:
+        """An ``event: error`` typed ``billing_error`` or ``invalid_request_error`` is a spent
+        quota or a rejection, the type named, under a prompt that mentions the type as under one
+        that does not (the type was dropped as an echo: unavailable, retried and fallen back)."""
+        fake.enqueue(Script(fault=Fault.ERROR_EVENT, fault_after=0, error_type=error_type))
+        _, error = await collect_until_error(provider, make_call(messages=(Message(Role.USER, prompt),)))
+        assert (type(error), error.message) == (
+            error_class,
+            f"provider anthropic model claude-sonnet: error event in stream ({error_type})",
+        )
+
     async def test_in_band_error_before_content(self, fake: FakeProvider, provider: AnthropicProvider) -> None:
         """An error event before any text is an error with nothing yielded (retryable pre-commit)."""
         fake.enqueue(Script(fault=Fault.ERROR_EVENT, fault_after=0))

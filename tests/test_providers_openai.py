@@ -152,16 +152,40 @@ class TestSafeCode:
         """A code that looks like a key (``sk-``), is over 40 characters, or is no word is not copied."""
         assert safe_code(code) == ""
 
-    def test_a_code_inside_a_forbidden_text_is_dropped(self) -> None:
-        """A code found in the prompt or the key (the adapters pass both) is not copied."""
-        assert safe_code("plain-key-77", forbidden=["the prompt", "Bearer plain-key-77"]) == ""
+    def test_a_code_that_echoes_the_key_is_dropped(self) -> None:
+        """A code that holds the key, is held in it, or has 8 characters of it is not copied."""
+        key = "plain-key-77-4c1d9e"
+        codes = [key, f"err_{key}", "plain-key", "x_key-77-4c1d9", "server_error"]
+        kept = [safe_code(code, messages=["the prompt"], key=key) for code in codes]
+        assert kept == ["", "", "", "", "server_error"]
 
-    def test_an_http_status_is_kept_whatever_numbers_the_prompt_holds(self) -> None:
-        """A code of at most three digits (an HTTP status) is kept though the prompt holds its
-        digits; a longer number, or a word, found in the prompt is still dropped."""
+    def test_a_code_that_echoes_the_prompt_is_dropped(self) -> None:
+        """An unknown code that is a whole message, however short, holds one, or has 12
+        characters of one is not copied: a server echoing the prompt into its code."""
+        messages = ["throttled", "ok", "Look up alpha-bravo-7731 in the report"]
+        codes = ["throttled", "not_ok_at_all", "report", "ticket_alpha-bravo-7731"]
+        assert [safe_code(code, messages=messages) for code in codes] == ["", "", "report", ""]
+
+    def test_a_code_the_adapters_read_is_kept_whatever_the_prompt_says(self) -> None:
+        """Finish reasons and error codes the adapters map are kept though a message holds them,
+        or is them (they were dropped: a prompt asking about ``insufficient_quota`` made a spent
+        quota a retried outage); a credential-shaped code is dropped whatever."""
+        messages = [
+            "Why do I get insufficient_quota from OpenAI?",
+            "What is the length of the Nile?",
+            "invalid_request_error",
+            "content_filter",
+        ]
+        codes = ["insufficient_quota", "length", "invalid_request_error", "content_filter", "overloaded_error"]
+        assert [safe_code(code, messages=messages) for code in codes] == codes
+        assert safe_code("sk-live-1", messages=messages) == ""
+
+    def test_an_unknown_code_a_message_merely_mentions_is_kept(self) -> None:
+        """An unknown code under 12 characters found inside a longer message is no echo: kept
+        (it was dropped), as is a number of at most three digits (an HTTP status)."""
         prompt = ["Sum 1429, 4020, 2401 and 1400.", "Say the word throttled."]
         codes = ["429", "400", "1429", "throttled"]
-        assert [safe_code(code, forbidden=prompt) for code in codes] == ["429", "400", "", ""]
+        assert [safe_code(code, messages=prompt) for code in codes] == codes
 
 
 class TestTransportErrors:
@@ -451,6 +475,20 @@ class TestStreaming:
         warned = [entry for entry in logs if entry["event"] == "provider_output_unread"]
         assert [entry["finish_reason"] for entry in warned] == [""]
         assert echoed not in str(logs)
+
+    async def test_a_finish_reason_the_prompt_mentions_reaches_the_finish_and_the_warning(
+        self, fake: FakeProvider, compatible: OpenAIProvider
+    ) -> None:
+        """A finish ``length`` under a prompt asking for the length of the Nile is LENGTH and is
+        logged as ``length``: a finish reason the adapter maps is no echo (it was logged as "")."""
+        fake.enqueue(Script(chunks=(), output_tokens=40, finish_reason="length"))
+        call = make_call(messages=(Message(Role.USER, "What is the length of the Nile?"),))
+        with capture_logs() as logs:
+            events = await collect(compatible, call)
+        assert isinstance(events[-1], ProviderFinish)
+        assert events[-1].finish_reason == FinishReason.LENGTH
+        warned = [entry for entry in logs if entry["event"] == "provider_output_unread"]
+        assert [entry["finish_reason"] for entry in warned] == ["length"]
 
     async def test_a_whole_message_closing_a_stream_of_deltas_is_not_read_again(
         self, fake: FakeProvider, compatible: OpenAIProvider
@@ -885,6 +923,43 @@ class TestMidStreamFailures:
             error_class,
             f"provider local model gpt-4o-mini: error event in stream ({code})",
         )
+
+    @pytest.mark.parametrize(
+        ("error_type", "error_class"),
+        [("insufficient_quota", ProviderQuotaExhausted), ("invalid_request_error", ProviderRejected)],
+    )
+    @pytest.mark.parametrize(
+        "prompt", ["hello", "Why do I get insufficient_quota, or invalid_request_error, from OpenAI?"]
+    )
+    async def test_an_in_band_error_is_read_alike_whatever_the_prompt_says_of_its_type(
+        self,
+        fake: FakeProvider,
+        provider: OpenAIProvider,
+        prompt: str,
+        error_type: str,
+        error_class: type[ProviderError],
+    ) -> None:
+        """An error chunk typed ``insufficient_quota`` or ``invalid_request_error`` is a spent
+        quota or a rejection, the type named, under a prompt that mentions the type as under one
+        that does not (the type was dropped as an echo: unavailable, retried and fallen back)."""
+        fake.enqueue(Script(fault=Fault.ERROR_EVENT, fault_after=0, error_type=error_type))
+        _, error = await collect_until_error(provider, make_call(messages=(Message(Role.USER, prompt),)))
+        assert (type(error), error.message) == (
+            error_class,
+            f"provider openai model gpt-4o-mini: error event in stream ({error_type})",
+        )
+
+    async def test_an_http_errors_code_the_prompt_mentions_is_named(
+        self, fake: FakeProvider, provider: OpenAIProvider
+    ) -> None:
+        """A 400 typed ``invalid_request_error`` under a prompt asking about that type names it in
+        the error (it was dropped as an echo); one that is the whole one-word prompt is not."""
+        fake.enqueue(Script(status=400, error_type="invalid_request_error"), Script(status=400, error_type="Nile"))
+        mentions = make_call(messages=(Message(Role.USER, "What does invalid_request_error mean?"),))
+        _, named = await collect_until_error(provider, mentions)
+        _, echoed = await collect_until_error(provider, make_call(messages=(Message(Role.USER, "Nile"),)))
+        assert named.message == "provider openai model gpt-4o-mini: HTTP 400 (invalid_request_error)"
+        assert echoed.message == "provider openai model gpt-4o-mini: HTTP 400"
 
     async def test_in_band_error_before_content(self, fake: FakeProvider, provider: OpenAIProvider) -> None:
         """An error chunk before any text is an error with nothing yielded (retryable pre-commit)."""

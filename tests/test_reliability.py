@@ -62,12 +62,14 @@ async def collect(client: RouterClient, prompt: str = "hello", **context: object
     return [m async for m in client.complete(user_chat(prompt), pb.RoutingContext(**context))]  # type: ignore[arg-type]
 
 
-async def failure(client: RouterClient, **context: object) -> tuple[grpc.aio.AioRpcError, list[pb.CompleteResponse]]:
+async def failure(
+    client: RouterClient, prompt: str = "hello", **context: object
+) -> tuple[grpc.aio.AioRpcError, list[pb.CompleteResponse]]:
     """Read a Complete stream that must fail; the error and what arrived before it."""
     received: list[pb.CompleteResponse] = []
 
     async def read() -> None:
-        async for message in client.complete(user_chat("hello"), pb.RoutingContext(**context)):  # type: ignore[arg-type]
+        async for message in client.complete(user_chat(prompt), pb.RoutingContext(**context)):  # type: ignore[arg-type]
             received.append(message)
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -161,6 +163,32 @@ class TestRetriesBeforeCommit:
         fake.enqueue(Script(fault=Fault.ERROR_EVENT, error_type="BadRequestError", error_code=400))
         error, _ = await failure(client)
         assert (error.code(), len(fake.requests)) == (grpc.StatusCode.FAILED_PRECONDITION, 1)
+
+    @pytest.mark.parametrize("prompt", ["hello", "Why do I get invalid_request_error from OpenAI?"])
+    async def test_an_in_band_rejection_is_final_whatever_the_prompt_says_of_its_type(
+        self, reliable: tuple[Server, RouterClient], fake: FakeProvider, prompt: str
+    ) -> None:
+        """An in-band ``invalid_request_error`` is final, one upstream call, FAILED_PRECONDITION,
+        under a prompt that mentions the type as under one that does not (the type was dropped as
+        an echo of the prompt: an outage, retried, UNAVAILABLE)."""
+        _, client = reliable
+        fake.enqueue(Script(fault=Fault.ERROR_EVENT, fault_after=0, error_type="invalid_request_error"))
+        error, _ = await failure(client, prompt)
+        assert (error.code(), len(fake.requests)) == (grpc.StatusCode.FAILED_PRECONDITION, 1)
+
+    @pytest.mark.parametrize("prompt", ["hello", "Why do I get insufficient_quota from OpenAI?"])
+    async def test_an_in_band_spent_quota_falls_back_at_once_whatever_the_prompt_says_of_its_type(
+        self, reliable: tuple[Server, RouterClient], fake: FakeProvider, prompt: str
+    ) -> None:
+        """An in-band ``insufficient_quota`` is a spent quota, not retried on the model: the
+        fallback answers next, under a prompt that mentions the type as under one that does not
+        (the type was dropped as an echo: an outage, retried on the spent model first)."""
+        _, client = reliable
+        fake.enqueue(Script(fault=Fault.ERROR_EVENT, fault_after=0, error_type="insufficient_quota"))
+        messages = await collect(client, prompt)
+        assert kinds(messages)[-1] == "completion"
+        assert messages[0].decision.model in {"gpt-4o", "gpt-4o-mini"}  # both fall back to claude-sonnet
+        assert [r.model for r in fake.requests][1:] == ["claude-sonnet-4-6"]
 
     @pytest.mark.parametrize("reliable", [{"max_attempts": 2}], indirect=True)
     async def test_a_call_the_providers_failed_is_logged_at_warning(

@@ -66,6 +66,12 @@ _STATUS_CODE = re.compile(r"[0-9]{1,3}")
 # Error codes that say the account's credit or quota is spent: OpenAI's 429 ``insufficient_quota``
 # (code and type), Anthropic's ``billing_error`` (and any HTTP 402: ``error_for_status``).
 _QUOTA_CODES = frozenset({"insufficient_quota", "billing_error"})
+# Rate limits as error codes and types: OpenAI's ``rate_limit_exceeded``, Anthropic's
+# ``rate_limit_error``, vLLM's exception class (``error_for_event`` reads any with ``rate_limit``).
+_RATE_LIMIT_CODES = frozenset({"rate_limit_exceeded", "rate_limit_error", "ratelimiterror"})
+# In-band error events that say the server is at fault, for now: Anthropic's types, OpenAI's code
+# (``error_for_event`` reads them as it reads any code it does not know: unavailable).
+_UNAVAILABLE_EVENT_TYPES = frozenset({"overloaded_error", "api_error", "timeout_error", "server_error"})
 # In-band error events that say the request, not the server, is at fault, or the key.
 _REJECTED_EVENT_TYPES = frozenset(
     {
@@ -80,6 +86,11 @@ _REJECTED_EVENT_TYPES = frozenset(
 )
 _AUTH_EVENT_TYPES = frozenset(
     {"authentication_error", "permission_error", "invalid_api_key", "authenticationerror", "permissiondeniederror"}
+)
+# The codes ``safe_code`` always keeps, lower case: every error code and type read here, and the
+# finish reasons the adapters map (added where they are mapped: ``known_codes``).
+_KNOWN_CODES: set[str] = set(
+    _QUOTA_CODES | _RATE_LIMIT_CODES | _UNAVAILABLE_EVENT_TYPES | _REJECTED_EVENT_TYPES | _AUTH_EVENT_TYPES
 )
 
 _AUTH = frozenset({401, 403})
@@ -114,15 +125,35 @@ def server_url(url: httpx2.URL) -> str:
     return str(same)
 
 
-def safe_code(value: object, *, forbidden: Iterable[str] = ()) -> str:
-    """``value`` when it looks like a machine code (letters, digits, ``_.-``, at most 40), else "".
+def safe_code(value: object, *, messages: Iterable[str] = (), key: str = "") -> str:
+    """``value`` when it looks like a machine code (letters, digits, ``_.-``, at most 40) and is no
+    echo of the request's ``messages`` or the ``key``, else "".
 
-    A code that occurs inside any of the ``forbidden`` texts (the prompt, the key) is dropped too,
-    in case a server echoed a one-word prompt or the key into its error code, unless it is a number
-    of at most three digits (an HTTP status); so is one that looks like a credential (``sk-...``)
-    whatever the texts.
-    """
-    return _safe(value, _SAFE_CODE, forbidden)
+    A code an adapter reads (a finish reason it maps, an error type or code ``error_for_event``
+    or ``quota_exhausted`` reads: ``known_codes``) is always kept: a prompt asking about
+    ``insufficient_quota`` or "the length of the Nile" must not strip the code that classifies
+    the error or names the finish. So is a number of at most three digits (an HTTP status). Any
+    other code is dropped as an echo by ``safe_model``'s reasoning (``_echo``), in case a server
+    echoed the prompt or the key into its error code: when it holds a whole message (of any
+    length: a one-word prompt echoed as the code), a piece of it of ``_ECHO_PIECE`` characters is
+    found in a message, or it holds the key, is held in it, or has a piece of ``_KEY_PIECE``
+    characters of it. One that looks like a credential (``sk-...``) is dropped whatever the
+    texts."""
+    if not isinstance(value, str) or not _SAFE_CODE.fullmatch(value):
+        return ""
+    if value.lower().startswith(_KEY_PREFIX):
+        return ""
+    if value.lower() in _KNOWN_CODES or _STATUS_CODE.fullmatch(value):
+        return value
+    if key and value in key:
+        return ""
+    return "" if _echo(value, value, messages=messages, key=key, whole_message=1) else value
+
+
+def known_codes(codes: Iterable[str]) -> None:
+    """Add ``codes`` (an adapter's finish reasons, as it maps them) to the codes ``safe_code``
+    always keeps; called where they are mapped, so the set is not a copy of the adapters' tables."""
+    _KNOWN_CODES.update(code.lower() for code in codes)
 
 
 def safe_model(value: object, *, asked: str = "", messages: Iterable[str] = (), key: str = "") -> str:
@@ -149,15 +180,25 @@ def safe_model(value: object, *, asked: str = "", messages: Iterable[str] = (), 
     parts = _MODEL_ID_SEPARATORS.split(value)
     if any(part.lower().startswith(_KEY_PREFIX) for part in parts):
         return _not_taken(value, "credential")
-    if key and (key in value or any(piece in key for piece in _pieces(value, _KEY_PIECE))):
-        return _not_taken(value, "key")
     own = value[len(asked) :] if asked and value.startswith(asked) else value
+    echo = _echo(value, own, messages=messages, key=key, whole_message=_ECHO_MESSAGE)
+    return _not_taken(value, echo) if echo else value
+
+
+def _echo(value: str, own: str, *, messages: Iterable[str], key: str, whole_message: int) -> str:
+    """Why ``value``, reported by a provider, echoes the request ("key", "prompt"), or "" if it
+    does not: it holds the ``key`` or a piece of ``_KEY_PIECE`` characters of it; or ``own``
+    (``value`` less what the caller chose, such as the model asked for) holds a whole message of
+    at least ``whole_message`` characters, or a piece of it of ``_ECHO_PIECE`` characters is found
+    in a message."""
+    if key and (key in value or any(piece in key for piece in _pieces(value, _KEY_PIECE))):
+        return "key"
     texts = [text for text in messages if text]
-    if any(len(text) >= _ECHO_MESSAGE and text in own for text in texts):
-        return _not_taken(value, "prompt")
+    if any(len(text) >= whole_message and text in own for text in texts):
+        return "prompt"
     if any(piece in text for piece in _pieces(own, _ECHO_PIECE) for text in texts):
-        return _not_taken(value, "prompt")
-    return value
+        return "prompt"
+    return ""
 
 
 def _pieces(value: str, size: int) -> set[str]:
@@ -170,24 +211,6 @@ def _not_taken(value: object, reason: str) -> str:
     if value not in (None, ""):
         _log.info("provider_model_not_taken", reason=reason)
     return ""
-
-
-def _safe(value: object, shape: re.Pattern[str], forbidden: Iterable[str]) -> str:
-    """``value`` if it is a string of ``shape``, not a credential, and not inside a ``forbidden``
-    text (a number of at most three digits may be: an HTTP status, a version), else ""."""
-    if not isinstance(value, str) or not shape.fullmatch(value):
-        return ""
-    if value.lower().startswith(_KEY_PREFIX):
-        return ""
-    if not _STATUS_CODE.fullmatch(value) and any(value in text for text in forbidden):
-        return ""
-    return value
-
-
-def never_echoed(call: ProviderCall, api_key: str) -> list[str]:
-    """The texts no code taken from a provider's error may occur in: the call's messages (a
-    server may echo the prompt) and the key it was sent with."""
-    return [message.content for message in call.messages] + ([api_key] if api_key else [])
 
 
 # A longer wait than this is read as this: "inf" or "1e400" must not become an endless breaker.

@@ -90,7 +90,7 @@ from routesvc.providers._http import (
     error_for_event,
     error_for_status,
     event_object,
-    never_echoed,
+    known_codes,
     next_event,
     object_field,
     quota_exhausted,
@@ -116,6 +116,7 @@ _FINISH_REASONS = {
     "tool_use": FinishReason.TOOL_CALLS,
     "refusal": FinishReason.CONTENT_FILTER,
 }
+known_codes(_FINISH_REASONS)
 
 
 # The Messages API's highest temperature (OpenAI's, which our API accepts, is 2).
@@ -623,9 +624,8 @@ class AnthropicProvider(SdkAdapter[anthropic.AsyncAnthropic]):
     def _translate(self, call: ProviderCall, exc: Exception) -> ProviderError | None:
         """The ``ProviderError`` for an SDK or transport exception; None for anything else (our bug)."""
         name, model = self._name, call.model
-        forbidden = never_echoed(call, self._api_key)
         if isinstance(exc, anthropic.APIStatusError):
-            code = safe_code(exc.type, forbidden=forbidden)
+            code = safe_code(exc.type, messages=[message.content for message in call.messages], key=self._api_key)
             if 200 <= exc.status_code < 300:
                 # ``event: error`` inside a 200 stream: the SDK raises it with the stream's status.
                 # A 3xx it did not follow (no Location, a 304) is an HTTP status like any other.

@@ -73,7 +73,7 @@ from routesvc.providers._http import (
     error_for_event,
     error_for_status,
     event_object,
-    never_echoed,
+    known_codes,
     next_event,
     object_field,
     quota_exhausted,
@@ -125,6 +125,7 @@ _FINISH_REASONS = {
     "eos": FinishReason.STOP,
     "stop_sequence": FinishReason.STOP,
 }
+known_codes(_FINISH_REASONS)
 
 
 def map_finish_reason(reason: str | None, *, made_calls: bool = False) -> FinishReason:
@@ -273,13 +274,13 @@ def _content(value: object) -> tuple[str, str]:
 
 
 def _warn_if_unread(
-    provider: str, model: str, usage: Mapping[str, object], finish: str, *, forbidden: Iterable[str]
+    provider: str, model: str, usage: Mapping[str, object], finish: str, *, messages: Iterable[str], key: str
 ) -> None:
     """Warn (``provider_output_unread``) when a stream that gave nothing readable (no text, no
     reasoning, no tool call) reports output tokens beyond its reasoning tokens: its answer came in
     a shape this adapter does not read, and the caller pays for an empty answer; not when it
     finished ``content_filter`` (the provider withheld the answer). Counts and the finish reason
-    only (dropped when it occurs in a ``forbidden`` text: a server echoing the prompt), never the answer."""
+    only (dropped when it echoes the prompt or the key: ``safe_code``), never the answer."""
     if finish == "content_filter":
         return
     output_tokens = count_field(usage.get("completion_tokens")) or 0
@@ -291,7 +292,7 @@ def _warn_if_unread(
             provider=provider,
             model=model,
             output_tokens=output_tokens,
-            finish_reason=safe_code(finish, forbidden=forbidden),
+            finish_reason=safe_code(finish, messages=messages, key=key),
         )
 
 
@@ -408,7 +409,7 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
             finish: str | None = None
             provider_model = ""
             checked_model: object = None  # the last reported ``model`` safe_model looked at
-            forbidden = never_echoed(call, self._api_key)
+            messages = [message.content for message in call.messages]
             output: list[str] = []
             refused = False
             tool_calls = ToolCallParts()
@@ -443,7 +444,7 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
                     provider_model = safe_model(
                         reported_model,
                         asked=call.provider_model,
-                        messages=[message.content for message in call.messages],
+                        messages=messages,
                         key=self._api_key,
                     )
                 usage = object_field(chunk.get("usage")) or usage
@@ -486,7 +487,7 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
                 )
             reported, estimated = self._usage(call, usage, output)
             if not output:
-                _warn_if_unread(self._name, call.model, usage, finish, forbidden=forbidden)
+                _warn_if_unread(self._name, call.model, usage, finish, messages=messages, key=self._api_key)
             calls = tool_calls.calls()
             yield ProviderFinish(
                 usage=reported,
@@ -550,11 +551,12 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
     def _translate(self, call: ProviderCall, exc: Exception) -> ProviderError | None:
         """The ``ProviderError`` for an SDK or transport exception; None for anything else (our bug)."""
         name, model = self._name, call.model
-        forbidden = never_echoed(call, self._api_key)
+        messages, key = [message.content for message in call.messages], self._api_key
         code = error_type = ""
         if isinstance(exc, openai.APIError):
             # The SDK gives a numeric code (vLLM's 400) as its text.
-            code, error_type = safe_code(exc.code, forbidden=forbidden), safe_code(exc.type, forbidden=forbidden)
+            code = safe_code(exc.code, messages=messages, key=key)
+            error_type = safe_code(exc.type, messages=messages, key=key)
         if isinstance(exc, openai.APIStatusError):
             return error_for_status(
                 exc.status_code,
