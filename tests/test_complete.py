@@ -297,6 +297,27 @@ class TestStreaming:
         assert Decimal(completion.cost_usd) == (1234 * input_price + 25 * output_price) / 1_000_000
         assert len(fake.requests) == 1
 
+    async def test_an_anthropic_body_held_open_after_message_delta_ends_ok_with_the_usage_reported(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """``message_delta`` (stop reason, final usage) came, then the body is held open without
+        ``message_stop``: the Completion is OK, soon, with the usage reported and its exact cost
+        (the caller waited the idle timeout, or its deadline, and got an error, an estimate billed)."""
+        fake.enqueue(Script(fault=Fault.HANG, fault_at_end=True, input_tokens=1234, output_tokens=25))
+        started = time.monotonic()
+        messages = await _collect(live_client, timeout=10.0, model="claude-sonnet")
+        assert time.monotonic() - started < 5.0
+        assert "".join(m.delta.text for m in messages if m.WhichOneof("event") == "delta") == DEFAULT_TEXT
+        completion = messages[-1].completion
+        input_price, output_price, _ = _price(completion.model)
+        assert (completion.finish_reason, completion.usage.input_tokens, completion.usage.output_tokens) == (
+            pb.FINISH_REASON_STOP,
+            1234,
+            25,
+        )
+        assert Decimal(completion.cost_usd) == (1234 * input_price + 25 * output_price) / 1_000_000
+        assert len(fake.requests) == 1
+
     async def test_length_finish_reason(self, live_client: RouterClient, fake: FakeProvider) -> None:
         """A truncated answer reports FINISH_REASON_LENGTH."""
         fake.enqueue(Script(finish_reason="length"))

@@ -840,6 +840,37 @@ class TestAfterMessageStop:
         assert len(warnings) == 1
         assert all("canary" not in str(entry) for entry in logs)
 
+    async def test_a_body_held_open_after_message_delta_ends_the_answer_ok_quickly(
+        self, fake: FakeProvider, provider: AnthropicProvider
+    ) -> None:
+        """``message_delta`` (the stop reason and the final usage) came, then the server holds the
+        body open without ``message_stop`` (a proxy holding a finished body): the answer ends OK
+        with the usage reported after the short drain, as OpenAI's after its finish (it waited the
+        idle timeout, 60 s, and failed UNAVAILABLE with an estimate billed)."""
+        fake.enqueue(Script(fault=Fault.HANG, fault_at_end=True, input_tokens=11, output_tokens=7))
+        started = time.monotonic()
+        async with asyncio.timeout(5):
+            events = await collect(provider, make_call())
+        assert time.monotonic() - started < 2.0
+        finish = events[-1]
+        assert isinstance(finish, ProviderFinish)
+        text = "".join(event.text for event in events if isinstance(event, TextDelta))
+        assert (text, finish.finish_reason) == ("Hello from the fake provider.", FinishReason.STOP)
+        assert (finish.usage.input_tokens, finish.usage.output_tokens, finish.estimated) == (11, 7, False)
+
+    async def test_a_body_held_open_after_message_delta_ends_before_the_calls_deadline(
+        self, fake: FakeProvider, provider: AnthropicProvider
+    ) -> None:
+        """The same hold with a deadline: the answer is handed on OK with its usage before the
+        deadline (it failed DEADLINE_EXCEEDED, an estimate billed)."""
+        fake.enqueue(Script(fault=Fault.HANG, fault_at_end=True, input_tokens=11, output_tokens=7))
+        started = time.monotonic()
+        events = await collect(provider, make_call(timeout=3.0))
+        assert time.monotonic() - started < 2.0
+        finish = events[-1]
+        assert isinstance(finish, ProviderFinish)
+        assert (finish.usage.input_tokens, finish.usage.output_tokens, finish.estimated) == (11, 7, False)
+
     async def test_an_error_after_a_message_delta_without_usage_still_fails_the_attempt(
         self, fake: FakeProvider, provider: AnthropicProvider
     ) -> None:

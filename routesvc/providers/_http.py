@@ -44,6 +44,9 @@ _log = structlog.get_logger("routesvc.providers")
 # deadline less ``DEADLINE_MARGIN_SECONDS``: the whole answer must not reach the caller too late.
 DRAIN_SECONDS = 0.1
 DEADLINE_MARGIN_SECONDS = 0.05
+# Within that margin, what has come already (the event written with the last one) is still read,
+# for at most this long (and at most half the time left).
+BUFFERED_READ_SECONDS = 0.01
 
 # Machine codes are short words; anything longer (or shaped like a key) is not copied.
 _SAFE_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,40}")

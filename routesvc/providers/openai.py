@@ -63,6 +63,7 @@ from routesvc.providers._adapter import SdkAdapter
 from routesvc.providers._aiohttp import keeping_buffered
 from routesvc.providers._event_size import DEFAULT_MAX_EVENT_BYTES, EventBound, OpenAIEventEnds, streaming
 from routesvc.providers._http import (
+    BUFFERED_READ_SECONDS,
     DEADLINE_MARGIN_SECONDS,
     DRAIN_SECONDS,
     END_OF_STREAM,
@@ -107,11 +108,10 @@ _log = structlog.get_logger("routesvc.providers")
 # estimated as when a server sends none (or the last chunk's usage so far is taken). Neither wait
 # runs past the call's deadline, less ``DEADLINE_MARGIN_SECONDS``: the answer is whole, so it
 # ends with an estimate rather than the deadline failing it. Within that margin what has come
-# already is still read, for up to ``_BUFFERED_READ_SECONDS`` (at most half the time left). An
+# already is still read, for up to ``BUFFERED_READ_SECONDS`` (at most half the time left). An
 # error of the stream in that drain (a reset) ends the answer OK as well; one while the usage is
 # waited for fails the attempt.
 _USAGE_WAIT_SECONDS = 1.0
-_BUFFERED_READ_SECONDS = 0.01
 
 _FINISH_REASONS = {
     "stop": FinishReason.STOP,
@@ -513,8 +513,8 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
         if deadline is not None:
             left = deadline - asyncio.get_running_loop().time()
             # Within the margin, still what has come already (the usage chunk written with the
-            # finish): half of what is left, at most _BUFFERED_READ_SECONDS.
-            wait = min(wait, max(left - DEADLINE_MARGIN_SECONDS, min(_BUFFERED_READ_SECONDS, left / 2)))
+            # finish): half of what is left, at most BUFFERED_READ_SECONDS.
+            wait = min(wait, max(left - DEADLINE_MARGIN_SECONDS, min(BUFFERED_READ_SECONDS, left / 2)))
             if wait <= 0:
                 return END_OF_STREAM
         tail = asyncio.timeout(wait)
