@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import collections
-import ipaddress
-import socket
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -14,6 +12,7 @@ import grpc
 
 from routesvc.errors import ConfigError
 from routesvc.images import sniff_media_type
+from routesvc.loopback import is_loopback_host, is_loopback_ip
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
 
@@ -254,10 +253,10 @@ def is_loopback_target(target: str) -> bool:
             if target.startswith("//"):  # dns://authority/host:port
                 authority, _, target = target[2:].partition("/")
                 if authority:  # names are resolved by that DNS server, not from this host's files
-                    return all(_is_loopback_ip(_host(address)) for address in target.split(","))
+                    return all(is_loopback_ip(_host(address)) for address in target.split(","))
             break
     # gRPC tries every address of a list in turn, so each one must be this host.
-    return all(_is_loopback_host(_host(address)) for address in target.split(","))
+    return all(is_loopback_host(_host(address)) for address in target.split(","))
 
 
 def direct_channel_options(target: str) -> list[tuple[str, int]]:
@@ -276,26 +275,6 @@ def _host(address: str) -> str:
     if address.count(":") == 1:
         return address.partition(":")[0].lower()
     return address.lower()
-
-
-def _is_loopback_ip(host: str) -> bool:
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return address.ipv4_mapped.is_loopback  # Python 3.11 calls ::ffff:127.0.0.1 not loopback
-    return address.is_loopback
-
-
-def _is_loopback_host(host: str) -> bool:
-    if host != "localhost":
-        return _is_loopback_ip(host)
-    try:
-        resolved = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except OSError:
-        return False
-    return bool(resolved) and all(_is_loopback_ip(str(info[4][0]).partition("%")[0]) for info in resolved)
 
 
 class RouterClient:

@@ -7,7 +7,10 @@ Each connection's first request line names its target in absolute form (``POST h
 HTTP/1.1``): the proxy connects there, rewrites that line to origin form, records it in
 ``requests``, and pipes the rest both ways. One request per connection is all it serves
 correctly (a second on a kept-alive connection goes on in absolute form), which is what a test of
-one call needs. No ``CONNECT`` (no HTTPS).
+one call needs. No ``CONNECT`` (no HTTPS). ``resolve`` maps host names to the addresses the proxy
+dials for them (``{"provider.test": "127.0.0.1"}``: a provider that is not on the client's host as
+far as the client can tell, served by the fake); a target it cannot reach is recorded all the same,
+and its connection closed.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import contextlib
 class ForwardProxy:
     """An HTTP forward proxy on loopback; ``requests`` holds each request line it forwarded."""
 
-    def __init__(self) -> None:
+    def __init__(self, resolve: dict[str, str] | None = None) -> None:
         self.requests: list[bytes] = []
+        self._resolve = resolve or {}
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -52,8 +56,10 @@ class ForwardProxy:
             method, target, version = line.split()
             host_port, _, path = target.removeprefix(b"http://").partition(b"/")
             host, _, port = host_port.decode().partition(":")
-            upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port or 80))
             self.requests.append(line.strip())
+            upstream_reader, upstream_writer = await asyncio.open_connection(
+                self._resolve.get(host, host), int(port or 80)
+            )
             upstream_writer.write(b"%s /%s %s\r\n" % (method, path, version))
             async with asyncio.TaskGroup() as group:
                 group.create_task(_pipe(reader, upstream_writer))

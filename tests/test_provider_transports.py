@@ -264,12 +264,19 @@ class TestRequestSent:
     ) -> None:
         """Behind an HTTP proxy named by ``HTTP_PROXY``, a provider that reads the request and
         never answers: once it has the request, the call is marked sent. (Anthropic's httpx client
-        builds the proxy's transport itself; it went unhooked, and such a cut was charged $0.)"""
-        async with ForwardProxy() as proxy:
+        builds the proxy's transport itself; it went unhooked, and such a cut was charged $0.) The
+        provider is named by a host that is not this one (a provider on this host is called
+        directly); the proxy dials the fake for it."""
+        async with ForwardProxy(resolve={"provider.test": "127.0.0.1"}) as proxy:
             for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
                 monkeypatch.delenv(name, raising=False)
             monkeypatch.setenv("HTTP_PROXY", proxy.url)
-            made = make_adapter(kind, http_client, fake.openai_base_url, fake.anthropic_base_url)
+            made = make_adapter(
+                kind,
+                http_client,
+                fake.openai_base_url.replace("127.0.0.1", "provider.test"),
+                fake.anthropic_base_url.replace("127.0.0.1", "provider.test"),
+            )
             fake.enqueue(Script(fault=Fault.HANG_BEFORE_HEADERS))
             request = call(timeout=30.0)
             reading = asyncio.ensure_future(read(made, request))

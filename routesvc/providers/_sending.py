@@ -26,7 +26,9 @@ from typing import Any
 
 import aiohttp
 import httpx2
+from httpx2._utils import URLPattern
 
+from routesvc.loopback import is_loopback_host
 from routesvc.providers._event_size import BoundedEventsTransport, EventBound
 from routesvc.providers.base import RequestSent
 
@@ -119,3 +121,20 @@ def wrap_transports(
     as ``mounts``: hooking those two methods missed them."""
     client._transport = wrap(client._transport)
     client._mounts = {pattern: None if mount is None else wrap(mount) for pattern, mount in client._mounts.items()}
+
+
+def direct_to_loopback(client: httpx2.AsyncClient, base_url: str) -> httpx2.AsyncClient:
+    """``client``, calling ``base_url``'s host directly when it is this host (``is_loopback_host``:
+    Ollama, vLLM, the fake provider on 127.0.0.1, ``localhost`` or ``[::1]``), never through a
+    proxy the environment names (``http_proxy``, ``HTTP_PROXY``, ``all_proxy``...): the proxy got
+    the whole prompt and the key (``Authorization: Bearer``) in the clear, then dialled its own
+    loopback rather than this host's (UNAVAILABLE). As ``NO_PROXY=host`` would: a mount of that host
+    to the client's direct transport, so the rest of what the environment says (``SSL_CERT_FILE``,
+    ``.netrc``, the proxy for other hosts) stays as it was. Both transports take their proxy from
+    these mounts (httpx's, and aiohttp's ``ClientSession`` trusts no environment itself)."""
+    host = (httpx2.URL(base_url).host or "").lower()
+    if is_loopback_host(host):
+        pattern = f"all://[{host}]" if ":" in host else f"all://{host}"
+        mounts = {**client._mounts, URLPattern(pattern): None}
+        client._mounts = dict(sorted(mounts.items()))
+    return client

@@ -102,7 +102,7 @@ from routesvc.providers._http import (
     tokens_asked,
     transport_error,
 )
-from routesvc.providers._sending import sending, traced
+from routesvc.providers._sending import direct_to_loopback, sending, traced
 from routesvc.providers._tool_calls import SentCallIds, ToolCallParts, anthropic_call_id
 from routesvc.providers.base import HttpClientKind, ModelRequest, ProviderCall
 from routesvc.tokens import count_text_tokens
@@ -431,10 +431,11 @@ class AnthropicProvider(SdkAdapter[anthropic.AsyncAnthropic]):
             base_url=base_url or DEFAULT_BASE_URL,
             max_retries=0,
             open_telemetry={"traces": False, "propagation": False},
-            http_client=(
+            http_client=direct_to_loopback(
                 keeping_buffered(anthropic.DefaultAioHttpClient, EventBound(max_event_bytes, AnthropicEventEnds))
                 if http_client == "aiohttp"
-                else traced(anthropic.DefaultAsyncHttpxClient, EventBound(max_event_bytes, AnthropicEventEnds))
+                else traced(anthropic.DefaultAsyncHttpxClient, EventBound(max_event_bytes, AnthropicEventEnds)),
+                base_url or DEFAULT_BASE_URL,
             ),
         )
         super().__init__(name, client, http_client)

@@ -20,6 +20,7 @@ import structlog
 from routesvc.errors import ProviderError, ProviderRejected, ProviderUnavailable
 from routesvc.models import BatchState, ToolCall, Usage
 from routesvc.providers._http import describe, object_field, safe_code, safe_model
+from routesvc.providers._sending import direct_to_loopback
 from routesvc.providers.anthropic import DEFAULT_BASE_URL, map_stop_reason, quota_spent, request_params
 from routesvc.providers.batch import (
     BatchItem,
@@ -64,7 +65,9 @@ class AnthropicBatches:
             base_url=base_url or DEFAULT_BASE_URL,
             max_retries=0,
             timeout=timeout,
-            http_client=error_capped(anthropic.DefaultAsyncHttpxClient),
+            http_client=direct_to_loopback(
+                error_capped(anthropic.DefaultAsyncHttpxClient), base_url or DEFAULT_BASE_URL
+            ),
             open_telemetry={"traces": False, "propagation": False},
         )
 

@@ -85,7 +85,7 @@ from routesvc.providers._http import (
     tokens_asked,
     transport_error,
 )
-from routesvc.providers._sending import sending, traced
+from routesvc.providers._sending import direct_to_loopback, sending, traced
 from routesvc.providers._tool_calls import SentCallIds, ToolCallParts, openai_call_id
 from routesvc.providers.base import HttpClientKind, ModelRequest, ProviderCall
 from routesvc.tokens import count_text_tokens
@@ -364,10 +364,11 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
             api_key=api_key or "unused",
             base_url=base_url or DEFAULT_BASE_URL,
             max_retries=0,
-            http_client=(
+            http_client=direct_to_loopback(
                 keeping_buffered(openai.DefaultAioHttpClient, EventBound(max_event_bytes, OpenAIEventEnds))
                 if http_client == "aiohttp"
-                else traced(openai.DefaultAsyncHttpxClient, EventBound(max_event_bytes, OpenAIEventEnds))
+                else traced(openai.DefaultAsyncHttpxClient, EventBound(max_event_bytes, OpenAIEventEnds)),
+                base_url or DEFAULT_BASE_URL,
             ),
         )
         super().__init__(name, client, http_client)

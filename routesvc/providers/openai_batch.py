@@ -22,6 +22,7 @@ import structlog
 from routesvc.errors import ProviderError, ProviderRejected, ProviderUnavailable
 from routesvc.models import BatchState, FinishReason, ToolCall, Usage
 from routesvc.providers._http import describe, object_field, safe_code, safe_model
+from routesvc.providers._sending import direct_to_loopback
 from routesvc.providers.batch import (
     BatchItem,
     ItemResult,
@@ -67,7 +68,7 @@ class OpenAIBatches:
             base_url=base_url or DEFAULT_BASE_URL,
             max_retries=0,
             timeout=timeout,
-            http_client=error_capped(openai.DefaultAsyncHttpxClient),
+            http_client=direct_to_loopback(error_capped(openai.DefaultAsyncHttpxClient), base_url or DEFAULT_BASE_URL),
         )
         # Deletes of input files of batches not created (see ``submit``), kept until they end.
         self._deleting: set[asyncio.Task[bool]] = set()
