@@ -13,7 +13,7 @@ from routesvc.errors import ConfigError
 from routesvc.server import Server
 from routesvc.testing import FakeProvider, Script
 from tests.conftest import user_chat
-from tests.connect_proxy import ConnectProxy
+from tests.proxies import ConnectProxy
 
 
 class TestDefaultDeadlines:

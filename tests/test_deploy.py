@@ -38,7 +38,7 @@ from packaging.utils import canonicalize_name
 from routesvc.config import parse_config
 from routesvc.server import Server
 from tests.conftest import process_environ
-from tests.connect_proxy import ConnectProxy
+from tests.proxies import ConnectProxy
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

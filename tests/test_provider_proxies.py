@@ -1,6 +1,6 @@
 """A provider on this host (Ollama, vLLM, the fake on 127.0.0.1) is called directly, never through
 a proxy the environment names; a provider elsewhere keeps that proxy. Real forward proxy on
-loopback (``tests/forward_proxy.py``), the fake provider, the real SDKs over both transports."""
+loopback (``tests/proxies.py``), the fake provider, the real SDKs over both transports."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from routesvc.providers.anthropic import AnthropicProvider
 from routesvc.providers.base import HttpClientKind, ProviderCall
 from routesvc.providers.openai import OpenAIProvider
 from routesvc.testing import FakeProvider, Script
-from tests.forward_proxy import ForwardProxy
+from tests.proxies import ForwardProxy
 
 CANARY_PROMPT = "canary-prompt-5d1c2e keep this off proxies"
 CANARY_KEY = "sk-canary-proxy-key-8f31a7"

@@ -32,7 +32,7 @@ from routesvc.providers.openai import OpenAIProvider
 from routesvc.providers.openai_batch import OpenAIBatches
 from routesvc.testing import FakeProvider, Fault, Script
 from tests.conftest import until
-from tests.forward_proxy import ForwardProxy
+from tests.proxies import ForwardProxy
 from tests.raw_upstream import (
     RawUpstream,
     Reply,
