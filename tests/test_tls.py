@@ -8,7 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -128,15 +128,7 @@ class TestCliAgainstTls:
         ``error: UNAVAILABLE`` line, exit 1, with the TLS hint."""
         server, pki = mtls
         target = f"localhost:{server.port}"
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "routesvc", "models", "--target", target, "--timeout", "5",
-            *(flag.format(pki=pki) for flag in flags),
-            cwd=REPO, env=process_environ(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        async with asyncio.timeout(60):
-            _, stderr = await process.communicate()
-        (line,) = [line for line in stderr.decode().splitlines() if line.startswith("error: ")]
-        assert (process.returncode, line.startswith("error: UNAVAILABLE: ")) == (1, True), stderr
+        line = await _unavailable_line(target, (flag.format(pki=pki) for flag in flags))
         assert "make run" not in line
         assert line.endswith(
             f"(does {target} serve TLS? pass --tls-ca PEM for its CA (--tls for the system roots), and"
@@ -151,18 +143,23 @@ class TestCliAgainstTls:
         says to leave the TLS flags out (it said to pass --tls-ca, which the caller had passed)."""
         pki = make_pki(tmp_path)
         target = f"localhost:{live_server.port}"
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "routesvc", "models", "--target", target, "--timeout", "5",
-            *(flag.format(pki=pki) for flag in flags),
-            cwd=REPO, env=process_environ(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        async with asyncio.timeout(60):
-            _, stderr = await process.communicate()
-        (line,) = [line for line in stderr.decode().splitlines() if line.startswith("error: ")]
-        assert (process.returncode, line.startswith("error: UNAVAILABLE: ")) == (1, True), stderr
+        line = await _unavailable_line(target, (flag.format(pki=pki) for flag in flags))
         assert line.endswith(
             f"(does {target} serve plaintext? then leave out --tls, --tls-ca, --tls-cert and --tls-key)"
         )
+
+
+async def _unavailable_line(target: str, flags: Iterable[str]) -> str:
+    """The one error line of ``routesvc models --target TARGET FLAGS``, which must exit 1 UNAVAILABLE."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "routesvc", "models", "--target", target, "--timeout", "5", *flags,
+        cwd=REPO, env=process_environ(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(60):
+        _, stderr = await process.communicate()
+    (line,) = [line for line in stderr.decode().splitlines() if line.startswith("error: ")]
+    assert (process.returncode, line.startswith("error: UNAVAILABLE: ")) == (1, True), stderr
+    return line
 
 
 @pytest.fixture(scope="module")
