@@ -286,16 +286,7 @@ class TestStreaming:
         cost (UNAVAILABLE after the whole answer, an estimate billed)."""
         fake.enqueue(replace(script, input_tokens=1234, output_tokens=25))
         messages = await _collect(live_client, **context)
-        assert "".join(m.delta.text for m in messages if m.WhichOneof("event") == "delta") == DEFAULT_TEXT
-        completion = messages[-1].completion
-        input_price, output_price, _ = _price(completion.model)
-        assert (completion.finish_reason, completion.usage.input_tokens, completion.usage.output_tokens) == (
-            pb.FINISH_REASON_STOP,
-            1234,
-            25,
-        )
-        assert Decimal(completion.cost_usd) == (1234 * input_price + 25 * output_price) / 1_000_000
-        assert len(fake.requests) == 1
+        _assert_whole_at_the_usage_reported(messages, fake)
 
     async def test_an_anthropic_body_held_open_after_message_delta_ends_ok_with_the_usage_reported(
         self, live_client: RouterClient, fake: FakeProvider
@@ -307,16 +298,7 @@ class TestStreaming:
         started = time.monotonic()
         messages = await _collect(live_client, timeout=10.0, model="claude-sonnet")
         assert time.monotonic() - started < 5.0
-        assert "".join(m.delta.text for m in messages if m.WhichOneof("event") == "delta") == DEFAULT_TEXT
-        completion = messages[-1].completion
-        input_price, output_price, _ = _price(completion.model)
-        assert (completion.finish_reason, completion.usage.input_tokens, completion.usage.output_tokens) == (
-            pb.FINISH_REASON_STOP,
-            1234,
-            25,
-        )
-        assert Decimal(completion.cost_usd) == (1234 * input_price + 25 * output_price) / 1_000_000
-        assert len(fake.requests) == 1
+        _assert_whole_at_the_usage_reported(messages, fake)
 
     async def test_length_finish_reason(self, live_client: RouterClient, fake: FakeProvider) -> None:
         """A truncated answer reports FINISH_REASON_LENGTH."""
@@ -1159,3 +1141,18 @@ class TestProviderStrings:
         assert [m.WhichOneof("event") for m in received] == ["decision"] + ["delta"] * 3
         trailers = dict(error.trailing_metadata() or ())
         assert (trailers["routesvc-committed"], trailers["routesvc-chunks-sent"]) == ("true", "3")
+
+
+def _assert_whole_at_the_usage_reported(messages: list[pb.CompleteResponse], fake: FakeProvider) -> None:
+    """The whole default answer, OK (STOP), at the usage the fake reported (1234 in, 25 out) and its
+    exact cost, from one provider request."""
+    assert "".join(m.delta.text for m in messages if m.WhichOneof("event") == "delta") == DEFAULT_TEXT
+    completion = messages[-1].completion
+    input_price, output_price, _ = _price(completion.model)
+    assert (completion.finish_reason, completion.usage.input_tokens, completion.usage.output_tokens) == (
+        pb.FINISH_REASON_STOP,
+        1234,
+        25,
+    )
+    assert Decimal(completion.cost_usd) == (1234 * input_price + 25 * output_price) / 1_000_000
+    assert len(fake.requests) == 1
