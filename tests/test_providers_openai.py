@@ -9,7 +9,7 @@ import gc
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from dataclasses import replace
 from types import MappingProxyType
 
@@ -645,14 +645,7 @@ class TestAfterTheFinish:
         fake.enqueue(Script(fault=Fault.RESET_AT_END, hang_seconds=0.05, input_tokens=11, output_tokens=7))
         with capture_logs() as logs:
             events = await collect(provider, make_call())
-        finish = events[-1]
-        assert isinstance(finish, ProviderFinish)
-        text = "".join(event.text for event in events if isinstance(event, TextDelta))
-        assert (text, finish.finish_reason) == ("Hello from the fake provider.", FinishReason.STOP)
-        assert (finish.usage.input_tokens, finish.usage.output_tokens, finish.estimated) == (11, 7, False)
-        warnings = [entry for entry in logs if entry["event"] == "provider_error_after_finish"]
-        assert [(entry["log_level"], entry["reason"]) for entry in warnings] == [("warning", "PROVIDER_UNAVAILABLE")]
-        assert all("canary" not in str(entry) for entry in logs)
+        _assert_whole_with_the_error_logged(events, logs)
 
     async def test_a_reset_after_the_finish_ends_the_answer_ok_when_no_usage_was_asked_for(
         self, fake: FakeProvider, http_client: HttpClientKind
@@ -709,14 +702,7 @@ class TestAfterTheFinish:
         fake.enqueue(replace(fault, usage_on_finish=True, input_tokens=11, output_tokens=7))
         with capture_logs() as logs:
             events = await collect(provider, make_call())
-        finish = events[-1]
-        assert isinstance(finish, ProviderFinish)
-        text = "".join(event.text for event in events if isinstance(event, TextDelta))
-        assert (text, finish.finish_reason) == ("Hello from the fake provider.", FinishReason.STOP)
-        assert (finish.usage.input_tokens, finish.usage.output_tokens, finish.estimated) == (11, 7, False)
-        warnings = [entry for entry in logs if entry["event"] == "provider_error_after_finish"]
-        assert [(entry["log_level"], entry["reason"]) for entry in warnings] == [("warning", "PROVIDER_UNAVAILABLE")]
-        assert all("canary" not in str(entry) for entry in logs)
+        _assert_whole_with_the_error_logged(events, logs)
 
     async def test_a_finish_chunk_carrying_the_usage_ends_at_done_with_it(
         self, fake: FakeProvider, provider: OpenAIProvider
@@ -1115,3 +1101,16 @@ class TestConnectionReuse:
             await collect(provider, make_call())
         assert [record.connection for record in fake.requests] == [1, 1, 1]
         assert fake.connections_accepted == 1
+
+
+def _assert_whole_with_the_error_logged(events: list[ProviderEvent], logs: list[MutableMapping[str, object]]) -> None:
+    """The whole default answer, STOP, at the usage the fake reported (11 in, 7 out), and the error
+    that came after it logged once by its code, at warning, without the prompt."""
+    finish = events[-1]
+    assert isinstance(finish, ProviderFinish)
+    text = "".join(event.text for event in events if isinstance(event, TextDelta))
+    assert (text, finish.finish_reason) == ("Hello from the fake provider.", FinishReason.STOP)
+    assert (finish.usage.input_tokens, finish.usage.output_tokens, finish.estimated) == (11, 7, False)
+    warnings = [entry for entry in logs if entry["event"] == "provider_error_after_finish"]
+    assert [(entry["log_level"], entry["reason"]) for entry in warnings] == [("warning", "PROVIDER_UNAVAILABLE")]
+    assert all("canary" not in str(entry) for entry in logs)
