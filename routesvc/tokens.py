@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import bpe_openai
 
@@ -79,6 +79,13 @@ def count_text_tokens(text: str) -> int:
     return _count_uncached(text)
 
 
+def _schema_text(schema: Mapping[str, object]) -> str:
+    """A JSON schema as compact JSON with its characters as written, not ``\\uXXXX`` escapes: the
+    provider parses the schema and the model sees its text (escapes would count a CJK character as
+    about five tokens instead of one)."""
+    return json.dumps(dict(schema), separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+
+
 def estimate_image_tokens(chat: ChatRequest) -> ImageEstimate:
     """The part of ``estimate_input_tokens(chat, kind)`` that its images make up, by each kind."""
     total = ImageEstimate()
@@ -104,9 +111,9 @@ def estimate_input_tokens(chat: ChatRequest, kind: ProviderKind = "openai_compat
         if message.tool_call_id:
             total += count_text_tokens(message.tool_call_id)
     for tool in chat.tools:
-        schema = json.dumps(dict(tool.parameters), separators=(",", ":"), sort_keys=True)
+        schema = _schema_text(tool.parameters)
         total += count_text_tokens(f"{tool.name} {tool.description} {schema}")
     if chat.response_format is not None and chat.response_format.schema:
-        schema = json.dumps(dict(chat.response_format.schema), separators=(",", ":"), sort_keys=True)
+        schema = _schema_text(chat.response_format.schema)
         total += count_text_tokens(f"{chat.response_format.name} {schema}")
     return total + images.for_kind(kind)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from types import MappingProxyType
 
 import bpe_openai
+import pytest
 
 from routesvc import tokens
+from routesvc.client import RouterClient
 from routesvc.models import ChatRequest, Message, ResponseFormat, ResponseFormatType, Role, ToolCall
 from routesvc.tokens import count_text_tokens, estimate_input_tokens
+from routesvc.v1 import router_pb2 as pb
+from tests.conftest import user_chat
 
 _ENCODING = bpe_openai.get_encoding("o200k_base")
 
@@ -67,3 +72,33 @@ class TestEstimateInputTokens:
         with_schema = ChatRequest((Message(Role.USER, "Weather?"),), response_format=response_format)
         expected = count_text_tokens('weather {"properties":{"city":{"type":"string"}},"type":"object"}')
         assert estimate_input_tokens(with_schema) - estimate_input_tokens(plain) == expected
+
+
+# A tool's parameter description in Chinese: about 34K o200k tokens as written, five times that as
+# ``\uXXXX`` escapes (more than gpt-4o's 128K window).
+_CJK_SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "description": "返回指定城市的天气预报，包括温度、湿度和风速。" * 2000}},
+    "required": ["city"],
+}
+
+
+class TestRoutedEstimates:
+    @pytest.mark.parametrize("where", ["tool", "response_format"])
+    async def test_a_non_ascii_schema_is_counted_as_written_not_as_escapes(
+        self, client: RouterClient, where: str
+    ) -> None:
+        """A tool's or a response format's schema in CJK is estimated at the o200k count of its text
+        (the model sees its characters), so a request that fits gpt-4o is routed to it."""
+        written = json.dumps(_CJK_SCHEMA, ensure_ascii=False)
+        if where == "tool":
+            chat = user_chat("北京天气怎么样？", tools=[pb.Tool(name="get_weather", parameters_json=written)])
+        else:
+            response_format = pb.ResponseFormat(
+                type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, name="weather", schema_json=written
+            )
+            chat = user_chat("北京天气怎么样？", response_format=response_format)
+        decision = await client.route(chat, pb.RoutingContext(model="gpt-4o"))
+        real = count_text_tokens(written) + count_text_tokens("北京天气怎么样？")
+        assert decision.model == "gpt-4o"
+        assert abs(decision.estimated_input_tokens - real) <= 20
