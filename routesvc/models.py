@@ -10,7 +10,8 @@ from types import MappingProxyType
 from typing import Literal
 
 # The request parameters a model may refuse (``ModelConfig.unsupported_parameters``); "prefill"
-# is a conversation that ends in an assistant turn, for the model to continue.
+# is a conversation that ends in an assistant turn, for the model to continue (system messages
+# after it aside: ``ChatRequest.is_prefill``).
 RequestParameter = Literal["temperature", "stop", "tool_choice", "parallel_tool_calls", "prefill"]
 
 # What a catalog model can take (``ModelConfig.capabilities``): a request with tools needs "tools",
@@ -218,9 +219,17 @@ class ChatRequest:
             ("stop", bool(self.stop)),
             ("tool_choice", self.tool_choice is not None),
             ("parallel_tool_calls", self.parallel_tool_calls is not None),
-            ("prefill", bool(self.messages) and self.messages[-1].role is Role.ASSISTANT),
+            ("prefill", self.is_prefill),
         )
         return tuple(name for name, is_set in given if is_set)
+
+    @property
+    def is_prefill(self) -> bool:
+        """Whether the conversation ends in an assistant turn for the model to continue: its last
+        turn other than system messages is an assistant turn (Anthropic takes the system messages
+        out of the turns, so a system message after the assistant turn leaves it the last turn)."""
+        turns = [message for message in self.messages if message.role is not Role.SYSTEM]
+        return bool(turns) and turns[-1].role is Role.ASSISTANT
 
     @property
     def last_user_message(self) -> str:

@@ -14,6 +14,7 @@ from routesvc.server import Server
 from routesvc.testing import FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import add_local_model, default_config, live_environ, settings_from, user_chat
+from tests.test_validation import error_info
 
 # Each adapter: the pinned model, and what it calls the stop sequences in its body.
 ADAPTERS = [("gpt-4o-mini", "stop"), ("claude-sonnet", "stop_sequences")]
@@ -416,6 +417,29 @@ class TestUnsupportedParameters:
         assert _excluded(decision) == {
             "claude-sonnet": "refuses a prefill, a conversation that ends in an assistant turn (unsupported_parameters)"
         }
+
+    async def test_a_system_message_after_the_final_assistant_turn_is_still_a_prefill(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """Anthropic takes system messages out of the turns, so ``[user, assistant, system]`` reaches
+        it as a prefill: pinned to claude-sonnet it is NO_ELIGIBLE_MODEL before any call; unpinned it
+        goes to the next choice, which gets the turns as they are."""
+        chat = build_chat([("user", "Write a poem"), ("assistant", "Roses"), ("system", "Be brief.")])
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await live_client.route(chat, pb.RoutingContext(model="claude-sonnet"))
+        assert (caught.value.code(), error_info(caught.value).reason) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "NO_ELIGIBLE_MODEL",
+        )
+        assert "refuses a prefill" in (caught.value.details() or "")
+        answered = [m async for m in live_client.complete(chat, pb.RoutingContext(task_hint="creative_writing"))]
+        assert answered[-1].completion.model == "gpt-4o-mini"
+        assert [(m["role"], m["content"]) for m in fake.requests[-1].body["messages"]] == [
+            ("user", "Write a poem"),
+            ("assistant", "Roses"),
+            ("system", "Be brief."),
+        ]
+        assert len(fake.requests) == 1
 
     def test_an_unknown_parameter_is_a_config_error_naming_the_field(self) -> None:
         """``unsupported_parameters`` takes only the parameters a request can set."""
