@@ -269,6 +269,26 @@ class TestBatchSubmitAndResults:
         sent = (request.get("body") or request["params"])["messages"]
         assert sent[1:] == BATCH_TOOL_TURNS[prefix]
 
+    async def test_an_anthropic_calls_non_ascii_arguments_come_back_as_a_stream_returns_them(
+        self, tmp_path: Path, fake: FakeProvider
+    ) -> None:
+        """An Anthropic batch result holds a call's input parsed; its ``arguments_json`` is the same
+        text a streamed call returns, the model's characters rather than ``\\uXXXX`` escapes."""
+        arguments = '{"city": "北京", "note": "🙂"}'
+        chat = build_chat([("user", "Weather in Beijing")], tools=[pb.Tool(name="lookup", parameters_json="{}")])
+        async with (
+            Server(settings_from(batch_config(tmp_path), live_environ(fake)), port=0) as server,
+            RouterClient(server.target) as client,
+        ):
+            fake.enqueue(Script(chunks=(), tool_calls=(FakeToolCall("lookup", arguments),)))
+            streamed = [m async for m in client.complete(chat, pb.RoutingContext(model="claude-sonnet"))]
+            fake.enqueue(Script(chunks=(), tool_calls=(FakeToolCall("lookup", arguments),)))
+            context = pb.RoutingContext(model="claude-sonnet", realtime=False, tenant="acme")
+            queued = [m async for m in client.complete(chat, context)]
+            done = await wait_state(client, queued[1].batch.batch_id, pb.BATCH_STATE_SUCCEEDED)
+        assert [fake.batches[0].api, streamed[-1].completion.tool_calls[0].arguments_json] == ["anthropic", arguments]
+        assert done.result.tool_calls[0].arguments_json == arguments
+
     @pytest.mark.parametrize("task", ["", "creative_writing"], ids=["openai", "anthropic"])
     async def test_a_text_answer_with_a_call_that_names_no_tool_is_a_stop_without_calls(
         self, tmp_path: Path, fake: FakeProvider, task: str

@@ -208,9 +208,11 @@ def _entry_result(line: dict[str, Any], key: str) -> ItemResult:
         written_1h = reported_count(object_field(usage.get("cache_creation")), "ephemeral_1h_input_tokens") or 0
         blocks = message.get("content") or []
         text = "".join(str(block["text"]) for block in blocks if block["type"] == "text")
-        # A tool_use block that names no tool is no call (as in a stream: ``ToolCallParts``).
+        # A tool_use block that names no tool is no call (as in a stream: ``ToolCallParts``). The
+        # result holds the input parsed: its JSON text keeps the characters the model wrote (no
+        # ``\uXXXX`` escapes) and the spacing of Anthropic's streamed input.
         calls = tuple(
-            ToolCall(str(block["id"]), str(block["name"]), json.dumps(block.get("input") or {}))
+            ToolCall(str(block["id"]), str(block["name"]), json.dumps(block.get("input") or {}, ensure_ascii=False))
             for block in blocks
             if block["type"] == "tool_use" and block.get("name")
         )
