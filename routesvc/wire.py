@@ -127,9 +127,15 @@ _MAX_IMAGE_URL_CHARS = 8192
 # Names no public host has: special-use (RFC 6761, 6762, 8375), cloud metadata
 # (metadata.google.internal) and Kubernetes service names (name.namespace.svc).
 _INTERNAL_NAME_SUFFIXES = (".localhost", ".internal", ".local", ".localdomain", ".home.arpa", ".svc")
-# NAT64's well-known prefix (RFC 6052): a provider host behind NAT64 reaches the IPv4 address
-# in its last 32 bits.
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+# IPv6 prefixes that carry an IPv4 address in their last 32 bits, which a host reaches through
+# them: NAT64's well-known prefix (RFC 6052), IPv4-translated (SIIT, RFC 2765) and the deprecated
+# IPv4-compatible addresses (RFC 4291, ``::`` and ``::1`` among them). IPv4-mapped addresses and
+# 6to4 (2002::/16, its IPv4 address in bits 16-47) are read by ``ipaddress`` itself.
+_EMBEDDING_IPV4 = tuple(ipaddress.IPv6Network(prefix) for prefix in ("64:ff9b::/96", "::ffff:0:0:0/96", "::/96"))
+# Ranges no image host is in that Python 3.11's ``is_global`` calls global: RFC 8215's local-use
+# NAT64 prefix (an operator's own translator; its IPv4 address may sit at any prefix length, so
+# the whole prefix is refused) and IANA's IETF protocol assignments (192.0.0.8 and its neighbours).
+_NOT_GLOBAL = (ipaddress.IPv6Network("64:ff9b:1::/48"), ipaddress.IPv4Network("192.0.0.0/24"))
 
 
 def _message(index: int, message: pb.Message, open_calls: Mapping[str, str], limits: LimitsConfig) -> Message:
@@ -288,8 +294,9 @@ def _image(field: str, image: pb.Image, limits: LimitsConfig) -> Image:
 def _internal_host(hostname: str) -> bool:
     """Whether an image URL's host is one a provider inside the operator's network (vLLM,
     Ollama) would fetch from that network: an IP literal that is not a global unicast address
-    (private, loopback, link-local, unique-local, reserved, unspecified, multicast; an IPv4
-    address mapped into IPv6 or NAT64 as itself), or a name no public host has. Names are not
+    (private, loopback, link-local, unique-local, reserved, unspecified, multicast, the ranges of
+    ``_NOT_GLOBAL``; an IPv4 address mapped, translated or embedded into IPv6 (NAT64, 6to4) as
+    itself), or a name no public host has. Names are not
     resolved: one that resolves to a private address passes."""
     host = hostname.lower()
     if "%" in host:  # a percent-encoded name, or an IPv6 zone (link-local)
@@ -317,9 +324,11 @@ def _internal_host(hostname: str) -> bool:
     if isinstance(address, ipaddress.IPv6Address):
         if address.ipv4_mapped is not None:
             address = address.ipv4_mapped
-        elif address in _NAT64:
+        elif address.sixtofour is not None:
+            address = address.sixtofour
+        elif any(address in prefix for prefix in _EMBEDDING_IPV4):
             address = ipaddress.IPv4Address(address.packed[-4:])
-    return not address.is_global or address.is_multicast
+    return not address.is_global or address.is_multicast or any(address in network for network in _NOT_GLOBAL)
 
 
 _IPV4_HEX = re.compile(r"0[xX][0-9a-fA-F]*")

@@ -264,11 +264,38 @@ class TestInternalImageHosts:
                 assert host.strip("[]").lower() not in str(caught.value.details())
         assert fake.requests == []
 
+    @pytest.mark.parametrize(
+        "host",
+        [
+            "[64:ff9b:1::a9fe:a9fe]",  # RFC 8215's local-use NAT64 prefix, of 169.254.169.254
+            "[64:ff9b:1:ffff::7f00:1]",
+            "[64:ff9b:1::808:808]",  # the whole local-use prefix: its IPv4 address may sit anywhere
+            "192.0.0.8",  # IETF protocol assignments, which Python 3.11 calls global
+            "[2002:a9fe:a9fe::]",  # 6to4 of 169.254.169.254
+            "[::ffff:0:7f00:1]",  # IPv4-translated 127.0.0.1
+            "[::a9fe:a9fe]",  # IPv4-compatible 169.254.169.254
+        ],
+    )
+    async def test_non_global_ranges_pythons_tables_call_global_are_refused_at_route(
+        self, client: RouterClient, host: str
+    ) -> None:
+        """Ranges the service refuses itself rather than by ``ipaddress.is_global`` (which in Python
+        3.11 calls them global), and IPv4 addresses embedded in IPv6, are INVALID_ARGUMENT naming
+        the field at Route, the host not echoed."""
+        chat = image_chat(text_part("a"), url_part(f"https://{host}/cat.png"))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.route(chat)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_info(caught.value).metadata["field"] == "chat.messages[0].parts[1].image.url"
+        assert host.strip("[]") not in str(caught.value.details())
+
     async def test_public_hosts_reach_an_openai_compatible_server_unchanged(self, fake: FakeProvider) -> None:
         """Global addresses, literal or named, pass as they are."""
         urls = [
             "https://93.184.215.14/cat.png",
             "https://[2606:4700:4700::1111]:8443/cat.png",
+            "https://[64:ff9b::5db8:d70e]/cat.png",  # NAT64 and 6to4 of 93.184.215.14
+            "https://[2002:5db8:d70e::1]/cat.png",
             "https://images.example.com/cat.png",
             "https://b\u00fccher.example/cat.png",  # an internationalised name
             "https://1e100.net/cat.png",
