@@ -84,7 +84,7 @@ from routesvc.retry import RetryBudget, backoff_delay, is_retryable, skips_provi
 from routesvc.scoring import Scorer, ScoreResult, ScoringInput
 from routesvc.strategies.base import RoutingInput, Verdict
 from routesvc.strategies.classifier import TASK_LABELS
-from routesvc.strategies.default import no_eligible_model
+from routesvc.strategies.default import no_eligible_model, pinned_model_refused
 from routesvc.tokens import estimate_image_tokens, estimate_input_tokens
 
 if TYPE_CHECKING:
@@ -994,9 +994,7 @@ class Router:
                 if refused := routing_input.allow_list.refuses(pinned.id):
                     raise PermissionDenied(f"model {pinned.id} is {refused}")
                 if eligible[pinned.id]:
-                    raise no_eligible_model(
-                        replace(routing_input, eligible=MappingProxyType({pinned.id: eligible[pinned.id]}))
-                    )
+                    raise pinned_model_refused(routing_input, pinned.id)
                 # A pinned model skips the policy, its rules included: the request's own realtime
                 # flag sets the mode.
                 pinned_reasons = [f"model {pinned.id} pinned by the request"]

@@ -15,6 +15,7 @@ from routesvc.server import Server
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import default_config, settings_from, user_chat
 from tests.routing_data import STRONG, WEAK, records
+from tests.test_validation import error_info
 
 PLAIN = "What is the capital of France?"
 
@@ -372,6 +373,35 @@ class TestEligibility:
             await _route(client, "word " * 210_000)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "context window" in (caught.value.details() or "")
+
+    async def test_a_pinned_model_too_small_for_a_prompt_another_model_fits_is_no_eligible_model(
+        self, client: RouterClient
+    ) -> None:
+        """A prompt past gpt-4o's 128K window that fits claude-sonnet's 200K: pinned to gpt-4o it is
+        NO_ELIGIBLE_MODEL naming gpt-4o's window (the request can be served: shortening the prompt
+        is not the only way), unpinned it goes to claude-sonnet."""
+        prompt = "word " * 130_000
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await _route(client, prompt, model="gpt-4o")
+        assert (caught.value.code(), error_info(caught.value).reason) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "NO_ELIGIBLE_MODEL",
+        )
+        assert (caught.value.details() or "").startswith(
+            "the pinned model gpt-4o cannot serve the request (context window 128000 < "
+        )
+        assert (await _route(client, prompt)).model == "claude-sonnet"
+
+    async def test_a_pinned_model_too_small_for_a_prompt_no_model_fits_is_context_window_exceeded(
+        self, client: RouterClient
+    ) -> None:
+        """A prompt past every model's window, pinned: CONTEXT_WINDOW_EXCEEDED, as unpinned."""
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await _route(client, "word " * 210_000, model="claude-sonnet")
+        assert (caught.value.code(), error_info(caught.value).reason) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "CONTEXT_WINDOW_EXCEEDED",
+        )
 
 
 class TestMaxCost:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from types import MappingProxyType
+
 from routesvc.cost import estimated_cost
 from routesvc.errors import ContextWindowExceeded, NoEligibleModel
 from routesvc.strategies.base import NextStage, RoutingInput, Verdict
@@ -52,3 +55,17 @@ def no_eligible_model(routing_input: RoutingInput) -> NoEligibleModel:
     if all("context window" in why for why in routing_input.eligible.values()):
         return ContextWindowExceeded(f"no model's context window fits the request ({reasons})")
     return NoEligibleModel(f"no configured model can serve the request ({reasons})")
+
+
+def pinned_model_refused(routing_input: RoutingInput, model_id: str) -> NoEligibleModel:
+    """The error for a request the pinned ``model_id`` cannot serve: ``no_eligible_model`` of that
+    model alone, except that a context window too small for the request is NO_ELIGIBLE_MODEL, not
+    CONTEXT_WINDOW_EXCEEDED, while another catalog model's window fits it (shortening the prompt is
+    not the only way to have it served)."""
+    why = routing_input.eligible[model_id]
+    fits_another = any("context window" not in reason for reason in routing_input.eligible.values())
+    if "context window" in why and fits_another:
+        return NoEligibleModel(
+            f"the pinned model {model_id} cannot serve the request ({why}); another model's context window fits it"
+        )
+    return no_eligible_model(replace(routing_input, eligible=MappingProxyType({model_id: why})))
