@@ -331,6 +331,17 @@ class TestAnthropicCompatibleServers:
         ]
         assert completion.finish_reason == pb.FINISH_REASON_TOOL_CALLS
 
+    async def test_a_non_ascii_input_given_whole_at_the_blocks_start_keeps_its_characters(
+        self, live_client: RouterClient, fake: FakeProvider
+    ) -> None:
+        """An input given whole in ``content_block_start`` is written again as JSON text with the
+        model's characters, not ``\\uXXXX`` escapes (as ``input_json_delta``s carry them)."""
+        arguments = '{"city": "北京", "note": "🙂"}'
+        fake.enqueue(Script(chunks=(), tool_calls=(FakeToolCall("get_weather", arguments),), tool_input_in_start=True))
+        chat = build_chat([("user", "Weather in Beijing?")], tools=[WEATHER])
+        completion = (await _complete(live_client, chat, "claude-sonnet"))[-1].completion
+        assert [call.arguments_json for call in completion.tool_calls] == [arguments]
+
     async def test_input_deltas_replace_the_empty_input_of_the_blocks_start(
         self, live_client: RouterClient, fake: FakeProvider
     ) -> None:

@@ -597,9 +597,10 @@ class AnthropicProvider(SdkAdapter[anthropic.AsyncAnthropic]):
             if block.get("type") == "tool_use" and index is not None:
                 name = text_field(block.get("name"))
                 # Anthropic sends ``{}`` here and the input in ``input_json_delta``s; a server
-                # re-streaming a finished message may send it whole here and no delta.
+                # re-streaming a finished message may send it whole here and no delta, written
+                # again with its characters as they are (no ``\uXXXX`` escapes), as deltas carry it.
                 given = object_field(block.get("input"))
-                whole = json.dumps(given) if given else ""
+                whole = json.dumps(given, ensure_ascii=False) if given else ""
                 tally.tool_calls.add(index, call_id=text_field(block.get("id")), name=name, whole_arguments=whole)
                 return Heartbeat(name + whole)
             if block.get("type") == "text":
