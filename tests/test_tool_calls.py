@@ -12,13 +12,16 @@ import grpc
 import pytest
 
 from routesvc.client import RouterClient, build_chat, tool_turns
-from routesvc.models import ToolCall
+from routesvc.models import Message, ProviderFinish, Role, ToolCall
 from routesvc.providers._tool_calls import ToolCallParts
+from routesvc.providers.base import ProviderCall
+from routesvc.providers.openai import OpenAIProvider
 from routesvc.server import Server
 from routesvc.testing import FakeProvider, FakeToolCall, Fault, Script
 from routesvc.tokens import count_text_tokens
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import default_config, live_environ, settings_from
+from tests.raw_upstream import RawUpstream, Reply, chunks
 from tests.test_validation import error_info
 
 WEATHER = pb.Tool(
@@ -415,6 +418,30 @@ class TestOpenAICompatibleServers:
         cut = (await _complete(live_client, chat, model))[-1].completion
         assert (len(stopped.tool_calls), stopped.finish_reason) == (2, pb.FINISH_REASON_TOOL_CALLS)
         assert (len(cut.tool_calls), cut.finish_reason) == (2, pb.FINISH_REASON_LENGTH)
+
+    async def test_arguments_sent_as_an_object_come_back_as_its_json_with_the_characters_as_written(self) -> None:
+        """A server that sends a call's ``arguments`` as an object rather than its JSON text: the
+        call's arguments are that object's JSON, with the model's characters, not ``\\uXXXX``
+        escapes."""
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            choices = [{"index": 0, "delta": delta, "finish_reason": finish}]
+            event = {"id": "c1", "object": "chat.completion.chunk", "model": "m", "choices": choices}
+            return b"data: " + json.dumps(event).encode() + b"\n\n"
+
+        function = {"name": "get_weather", "arguments": {"city": "北京"}}
+        piece = {"index": 0, "id": "call_1", "type": "function", "function": function}
+        body = [chunk({"tool_calls": [piece]}), chunk({}, "tool_calls"), b"data: [DONE]\n\n"]
+        async with RawUpstream() as raw:
+            raw.replies.append(Reply(body=chunks(*body)))
+            adapter = OpenAIProvider("local", "", raw.url + "/v1", "openai_compatible", stream_usage=False)
+            try:
+                call = ProviderCall(model="m", provider_model="m", messages=(Message(Role.USER, "Weather?"),))
+                finish = [event async for event in adapter.stream(call)][-1]
+            finally:
+                await adapter.aclose()
+        assert isinstance(finish, ProviderFinish)
+        assert [tool_call.arguments_json for tool_call in finish.tool_calls] == ['{"city": "北京"}']
 
     async def test_calls_without_an_id_get_one_and_the_loop_continues(
         self, live_client: RouterClient, fake: FakeProvider

@@ -313,8 +313,12 @@ def _add_tool_calls(parts: ToolCallParts, pieces: object) -> str:
         index = count_field(piece.get("index"))
         function = object_field(piece.get("function"))
         raw_arguments = function.get("arguments")
-        # Some OpenAI-compatible servers send the arguments as an object, not its JSON text.
-        arguments = json.dumps(raw_arguments) if isinstance(raw_arguments, dict) else text_field(raw_arguments)
+        # Some OpenAI-compatible servers send the arguments as an object, not its JSON text: its
+        # JSON, with the model's characters (no ``\uXXXX`` escapes).
+        if isinstance(raw_arguments, dict):
+            arguments = json.dumps(raw_arguments, ensure_ascii=False)
+        else:
+            arguments = text_field(raw_arguments)
         name = text_field(function.get("name"))
         parts.add(index, call_id=text_field(piece.get("id")), name=name, arguments=arguments)
         texts.append(name + arguments)
