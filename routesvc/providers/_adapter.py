@@ -1,19 +1,26 @@
 """What the streaming adapters (``OpenAIProvider``, ``AnthropicProvider``) share: their name, where
-their calls go, their HTTP transport, their SDK client's lifecycle and the guard around each SDK
-step. Each builds its own client (the SDKs differ in what they take) and hands it here; what it
+their calls go, their HTTP transport, their SDK client's lifecycle, the guard around each SDK
+step, and the short wait for what follows a whole answer and the rule for errors then. Each builds its own client (the SDKs differ in what they take) and hands it here; what it
 sends, how it reads the answer and how it translates its SDK's exceptions stay its own."""
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Generic, Protocol, TypeVar
 
 import httpx2
 import structlog
 
 from routesvc.errors import ProviderError
-from routesvc.providers._http import guarded, server_url
+from routesvc.providers._http import (
+    BUFFERED_READ_SECONDS,
+    DEADLINE_MARGIN_SECONDS,
+    guarded,
+    next_event,
+    server_url,
+)
 from routesvc.providers.base import HttpClientKind, ProviderCall
 
 
@@ -71,6 +78,37 @@ class SdkAdapter(ABC, Generic[_Client]):
     async def _guard(self, call: ProviderCall, deadline: float | None, awaitable: Awaitable[_T]) -> _T:
         """Await one SDK step within the call's deadline, translating whatever it raises."""
         return await guarded(self._name, call, deadline, awaitable, self._translate)
+
+    async def _next_within(
+        self,
+        call: ProviderCall,
+        deadline: float | None,
+        stream: AsyncIterator[object],
+        wait: float,
+        *,
+        none_came: object,
+    ) -> object:
+        """The stream's next event once its answer is whole (the finish reason came), or
+        ``none_came`` when none comes within ``wait`` seconds (``DRAIN_SECONDS``, or the wait for
+        OpenAI's usage chunk), nor before the deadline's margin: a server (a proxy) holding the
+        finished body open ends the answer OK soon, not after ``stream_idle_timeout_seconds``
+        (failed UNAVAILABLE, or DEADLINE_EXCEEDED, an estimate billed). What has come already is
+        still read within the margin (the usage chunk written with the finish): for half of what
+        is left, at most ``BUFFERED_READ_SECONDS``. An error of the stream is raised: whether it
+        fails the attempt is the caller's to say (``_ends_whole``)."""
+        if deadline is not None:
+            left = deadline - asyncio.get_running_loop().time()
+            wait = min(wait, max(left - DEADLINE_MARGIN_SECONDS, min(BUFFERED_READ_SECONDS, left / 2)))
+            if wait <= 0:
+                return none_came
+        tail = asyncio.timeout(wait)
+        try:
+            async with tail:
+                return await self._guard(call, deadline, next_event(stream))
+        except TimeoutError:
+            if not tail.expired():
+                raise
+            return none_came
 
     def _ends_whole(self, call: ProviderCall, exc: ProviderError, *, whole: bool) -> bool:
         """Whether an error of the stream ``exc`` leaves the answer whole, the attempt OK: so once

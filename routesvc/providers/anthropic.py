@@ -80,7 +80,6 @@ from routesvc.providers._adapter import SdkAdapter
 from routesvc.providers._aiohttp import keeping_buffered
 from routesvc.providers._event_size import DEFAULT_MAX_EVENT_BYTES, AnthropicEventEnds, EventBound, streaming
 from routesvc.providers._http import (
-    BUFFERED_READ_SECONDS,
     DEADLINE_MARGIN_SECONDS,
     DRAIN_SECONDS,
     END_OF_STREAM,
@@ -109,7 +108,8 @@ from routesvc.tokens import count_text_tokens
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 
-# What ``_after_whole`` returns when no event came in its short wait: the body is held open.
+# What ``_next_within`` returns once the answer is whole and no event came in its short wait:
+# the body is held open (``END_OF_STREAM``, its end without ``message_stop``, still fails).
 _HELD = object()
 
 _FINISH_REASONS = {
@@ -464,7 +464,7 @@ class AnthropicProvider(SdkAdapter[anthropic.AsyncAnthropic]):
                 whole = None not in (tally.stop_reason, tally.input_tokens, tally.output_tokens)
                 try:
                     if whole:
-                        event = await self._after_whole(call, deadline, sdk_stream)
+                        event = await self._next_within(call, deadline, sdk_stream, DRAIN_SECONDS, none_came=_HELD)
                         if event is _HELD:
                             tally.stopped = True
                             break
@@ -520,31 +520,6 @@ class AnthropicProvider(SdkAdapter[anthropic.AsyncAnthropic]):
             # Closing the SDK stream closes the HTTP response, so the upstream sees the abort.
             with contextlib.suppress(Exception):
                 await sdk_stream.close()
-
-    async def _after_whole(
-        self, call: ProviderCall, deadline: float | None, stream: anthropic.AsyncStream[object]
-    ) -> object:
-        """The stream's next event once the answer is whole (``message_delta`` came), or ``_HELD``
-        when none comes within ``DRAIN_SECONDS``, nor before the deadline's margin: a server (a
-        proxy) holding the finished body open before ``message_stop`` ends the answer OK, as the
-        OpenAI adapter's wait after its finish, not after ``stream_idle_timeout_seconds`` (failed
-        UNAVAILABLE, or DEADLINE_EXCEEDED, an estimate billed). What has come already is still
-        read within the margin (for at most ``BUFFERED_READ_SECONDS``, half the time left). An
-        error of the stream is raised: ``_ends_whole`` says it ends the answer OK."""
-        wait = DRAIN_SECONDS
-        if deadline is not None:
-            left = deadline - asyncio.get_running_loop().time()
-            wait = min(wait, max(left - DEADLINE_MARGIN_SECONDS, min(BUFFERED_READ_SECONDS, left / 2)))
-            if wait <= 0:
-                return _HELD
-        tail = asyncio.timeout(wait)
-        try:
-            async with tail:
-                return await self._guard(call, deadline, next_event(stream))
-        except TimeoutError:
-            if not tail.expired():
-                raise
-            return _HELD
 
     async def _drain(self, call: ProviderCall, stream: anthropic.AsyncStream[object], deadline: float | None) -> None:
         """Read what follows ``message_stop`` (the end of the chunked body) so the connection is reused.

@@ -63,8 +63,6 @@ from routesvc.providers._adapter import SdkAdapter
 from routesvc.providers._aiohttp import keeping_buffered
 from routesvc.providers._event_size import DEFAULT_MAX_EVENT_BYTES, EventBound, OpenAIEventEnds, streaming
 from routesvc.providers._http import (
-    BUFFERED_READ_SECONDS,
-    DEADLINE_MARGIN_SECONDS,
     DRAIN_SECONDS,
     END_OF_STREAM,
     EstimatedUsageLog,
@@ -431,7 +429,7 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
                         event = await self._guard(call, deadline, next_event(sdk_stream))
                     else:
                         wait = DRAIN_SECONDS if draining else _USAGE_WAIT_SECONDS
-                        event = await self._after_finish(call, deadline, sdk_stream, wait)
+                        event = await self._next_within(call, deadline, sdk_stream, wait, none_came=END_OF_STREAM)
                     if event is END_OF_STREAM:
                         break
                     chunk = event_object(event, provider=self._name, model=call.model)
@@ -507,29 +505,6 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
             # Closing the SDK stream closes the HTTP response, so the upstream sees the abort.
             with contextlib.suppress(Exception):
                 await sdk_stream.close()
-
-    async def _after_finish(
-        self, call: ProviderCall, deadline: float | None, sdk_stream: _EventStream, wait: float
-    ) -> object:
-        """The stream's next event after the finish reason, or ``END_OF_STREAM`` when none comes
-        within ``wait`` seconds, nor before the deadline's margin (see ``DRAIN_SECONDS``): the
-        answer is whole, the stream ends. An error of the stream is raised: whether it fails the
-        attempt is the caller's to say (``_ends_whole``)."""
-        if deadline is not None:
-            left = deadline - asyncio.get_running_loop().time()
-            # Within the margin, still what has come already (the usage chunk written with the
-            # finish): half of what is left, at most BUFFERED_READ_SECONDS.
-            wait = min(wait, max(left - DEADLINE_MARGIN_SECONDS, min(BUFFERED_READ_SECONDS, left / 2)))
-            if wait <= 0:
-                return END_OF_STREAM
-        tail = asyncio.timeout(wait)
-        try:
-            async with tail:
-                return await self._guard(call, deadline, next_event(sdk_stream))
-        except TimeoutError:
-            if not tail.expired():
-                raise
-            return END_OF_STREAM
 
     def _usage(self, call: ProviderCall, usage: Mapping[str, object], output: list[str]) -> tuple[Usage, bool]:
         """The reported usage (the last usage object of the stream, empty when none came), and
