@@ -1,7 +1,8 @@
 """What the streaming adapters (``OpenAIProvider``, ``AnthropicProvider``) share: their name, where
 their calls go, their HTTP transport, their SDK client's lifecycle, the guard around each SDK
-step, and the short wait for what follows a whole answer and the rule for errors then. Each builds its own client (the SDKs differ in what they take) and hands it here; what it
-sends, how it reads the answer and how it translates its SDK's exceptions stay its own."""
+step, and the short wait for what follows a whole answer and the rule for errors then. Each
+builds its own client (the SDKs differ in what they take) and hands it here; what it sends, how
+it reads the answer and how it translates its SDK's exceptions stay its own."""
 
 from __future__ import annotations
 
