@@ -21,56 +21,23 @@ still gets its answer: what tells is ``requests``, each request line asked of it
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from typing import Self
+
+from routesvc.testing import LoopbackProxy
 
 
-class _LoopbackProxy:
-    """A proxy listening on a free loopback port; subclasses serve one client connection."""
+class _RecordingProxy(LoopbackProxy):
+    """A proxy on loopback recording each request line asked of it in ``requests``."""
+
+    _ENDINGS = (ConnectionError, OSError, ValueError, asyncio.IncompleteReadError)
 
     def __init__(self) -> None:
+        super().__init__()
         self.requests: list[bytes] = []
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def url(self) -> str:
         """``http://127.0.0.1:PORT``, a value for ``https_proxy`` and its kin."""
-        assert self._server is not None
-        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-
-    async def __aenter__(self) -> Self:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        upstream: list[asyncio.StreamWriter] = []
-        try:
-            await self._serve(reader, writer, upstream)
-        except* (ConnectionError, OSError, ValueError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            self._tasks.discard(task)
-            for stream in (writer, *upstream):
-                with contextlib.suppress(Exception):
-                    stream.close()
-
-    async def _serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: list[asyncio.StreamWriter]
-    ) -> None:
-        """Serve one connection; append the connection opened upstream to ``upstream`` (closed after)."""
-        raise NotImplementedError
+        return self.base_url
 
     @staticmethod
     async def _relay(
@@ -85,7 +52,7 @@ class _LoopbackProxy:
             group.create_task(_pipe(upstream_reader, writer, None))
 
 
-class ConnectProxy(_LoopbackProxy):
+class ConnectProxy(_RecordingProxy):
     """A CONNECT proxy; ``requests`` holds each CONNECT line, ``relayed`` what it carried up."""
 
     def __init__(self) -> None:
@@ -106,7 +73,7 @@ class ConnectProxy(_LoopbackProxy):
         await self._relay(reader, writer, upstream_reader, upstream_writer, self.relayed)
 
 
-class ForwardProxy(_LoopbackProxy):
+class ForwardProxy(_RecordingProxy):
     """An HTTP forward proxy; ``requests`` holds each request line it forwarded."""
 
     def __init__(self, resolve: dict[str, str] | None = None) -> None:

@@ -522,6 +522,7 @@ class TestPublicSurface:
             "FakeToolCall",
             "Fault",
             "FaultProxy",
+            "LoopbackProxy",
             "NetworkFault",
             "RecordedRequest",
             "Script",

@@ -29,13 +29,15 @@ Each API request is answered by one ``Script`` (text, chunking, delays, usage, H
 
 ``FaultProxy`` sits between the service and the fake for faults in the network (reset or close
 after N bytes, slow chunks, a black hole).
+``LoopbackProxy`` is what it is made of: a proxy on a free loopback port serving each connection
+with its subclass's ``_serve`` (the tests' recording CONNECT and forward proxies are others).
 
 Run it as a separate process for other languages and CI: ``python -m routesvc.testing --port N``.
 """
 
 from routesvc.testing._batches import BatchOutcome, FakeBatch
 from routesvc.testing._fake import FakeProvider
-from routesvc.testing._proxy import FaultProxy, NetworkFault
+from routesvc.testing._proxy import FaultProxy, LoopbackProxy, NetworkFault
 from routesvc.testing._script import DEFAULT_TEXT, FakeToolCall, Fault, RecordedRequest, Script
 
 __all__ = [
@@ -46,6 +48,7 @@ __all__ = [
     "FakeToolCall",
     "Fault",
     "FaultProxy",
+    "LoopbackProxy",
     "NetworkFault",
     "RecordedRequest",
     "Script",

@@ -16,6 +16,7 @@ import contextlib
 import socket
 import struct
 from dataclasses import dataclass
+from typing import Self
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,17 +29,17 @@ class NetworkFault:
     blackhole: bool = False
 
 
-class FaultProxy:
-    """A TCP proxy on loopback in front of ``target_host:target_port``."""
+class LoopbackProxy:
+    """A proxy listening on a free port of ``host`` (loopback); a subclass's ``_serve`` serves each
+    connection, which ends quietly on the ``_ENDINGS`` exceptions and is closed, with the
+    connection ``_serve`` opened upstream (put in ``upstream``), when it ends."""
 
-    def __init__(self, target_host: str, target_port: int, *, host: str = "127.0.0.1") -> None:
-        self._target = (target_host, target_port)
+    _ENDINGS: tuple[type[Exception], ...] = (ConnectionError, OSError)
+
+    def __init__(self, *, host: str = "127.0.0.1") -> None:
         self._host = host
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self.fault = NetworkFault()
-        self.connections = 0
-        self.faults_injected = 0
 
     @property
     def port(self) -> int:
@@ -51,7 +52,7 @@ class FaultProxy:
         """``http://HOST:PORT`` of the proxy."""
         return f"http://{self._host}:{self.port}"
 
-    async def __aenter__(self) -> FaultProxy:
+    async def __aenter__(self) -> Self:
         self._server = await asyncio.start_server(self._accept, self._host, 0)
         return self
 
@@ -67,27 +68,54 @@ class FaultProxy:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
-        self.connections += 1
-        fault = self.fault
-        upstream_writer: asyncio.StreamWriter | None = None
+        upstream: list[asyncio.StreamWriter] = []
         try:
-            if fault.blackhole:
-                self.faults_injected += 1
-                while await reader.read(65536):
-                    pass
-                return
-            upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
-            async with asyncio.TaskGroup() as group:
-                group.create_task(self._pipe(reader, upstream_writer, NetworkFault()))
-                group.create_task(self._pipe(upstream_reader, writer, fault))
-        except* (ConnectionError, OSError, _Injected):
+            await self._serve(reader, writer, upstream)
+        except* self._ENDINGS:
             pass
         finally:
             self._tasks.discard(task)
-            for stream in (writer, upstream_writer):
-                if stream is not None:
-                    with contextlib.suppress(Exception):
-                        stream.close()
+            for stream in (writer, *upstream):
+                with contextlib.suppress(Exception):
+                    stream.close()
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: list[asyncio.StreamWriter]
+    ) -> None:
+        raise NotImplementedError
+
+
+class _Injected(Exception):
+    """The fault ended the connection."""
+
+
+class FaultProxy(LoopbackProxy):
+    """A TCP proxy on loopback in front of ``target_host:target_port``."""
+
+    _ENDINGS = (ConnectionError, OSError, _Injected)
+
+    def __init__(self, target_host: str, target_port: int, *, host: str = "127.0.0.1") -> None:
+        super().__init__(host=host)
+        self._target = (target_host, target_port)
+        self.fault = NetworkFault()
+        self.connections = 0
+        self.faults_injected = 0
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: list[asyncio.StreamWriter]
+    ) -> None:
+        self.connections += 1
+        fault = self.fault
+        if fault.blackhole:
+            self.faults_injected += 1
+            while await reader.read(65536):
+                pass
+            return
+        upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
+        upstream.append(upstream_writer)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._pipe(reader, upstream_writer, NetworkFault()))
+            group.create_task(self._pipe(upstream_reader, writer, fault))
 
     async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, fault: NetworkFault) -> None:
         passed = 0
@@ -111,7 +139,3 @@ class FaultProxy:
             sink.write(data)
             await sink.drain()
         sink.close()
-
-
-class _Injected(Exception):
-    """The fault ended the connection."""
