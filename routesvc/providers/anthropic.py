@@ -508,7 +508,7 @@ class AnthropicProvider(SdkAdapter[anthropic.AsyncAnthropic]):
                     safe_model(
                         tally.provider_model,
                         asked=call.provider_model,
-                        messages=[message.content for message in call.messages],
+                        messages=call.texts,
                         key=self._api_key,
                     )
                     or call.provider_model
@@ -637,7 +637,7 @@ class AnthropicProvider(SdkAdapter[anthropic.AsyncAnthropic]):
         """The ``ProviderError`` for an SDK or transport exception; None for anything else (our bug)."""
         name, model = self._name, call.model
         if isinstance(exc, anthropic.APIStatusError):
-            code = safe_code(exc.type, messages=[message.content for message in call.messages], key=self._api_key)
+            code = safe_code(exc.type, messages=call.texts, key=self._api_key)
             if 200 <= exc.status_code < 300:
                 # ``event: error`` inside a 200 stream: the SDK raises it with the stream's status.
                 # A 3xx it did not follow (no Location, a 304) is an HTTP status like any other.

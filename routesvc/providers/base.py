@@ -227,6 +227,12 @@ class ProviderCall:
     sent: RequestSent = field(default_factory=RequestSent, compare=False, repr=False)
     image_token_scale: Decimal = Decimal(1)
 
+    @property
+    def texts(self) -> tuple[str, ...]:
+        """Each message's text, in order: what an error code or a reported model name is checked
+        against (``safe_code``, ``safe_model``) so that an echo of the prompt is never copied out."""
+        return tuple(message.content for message in self.messages)
+
     def as_chat(self) -> ChatRequest:
         """What the call puts in the prompt, as a ``ChatRequest``: what its input is estimated
         from (``cost.billed_input_of_chat``) wherever the provider reports none."""

@@ -412,7 +412,6 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
             finish: str | None = None
             provider_model = ""
             checked_model: object = None  # the last reported ``model`` safe_model looked at
-            messages = [message.content for message in call.messages]
             output: list[str] = []
             refused = False
             tool_calls = ToolCallParts()
@@ -447,7 +446,7 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
                     provider_model = safe_model(
                         reported_model,
                         asked=call.provider_model,
-                        messages=messages,
+                        messages=call.texts,
                         key=self._api_key,
                     )
                 usage = object_field(chunk.get("usage")) or usage
@@ -490,7 +489,7 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
                 )
             reported, estimated = self._usage(call, usage, output)
             if not output:
-                _warn_if_unread(self._name, call.model, usage, finish, messages=messages, key=self._api_key)
+                _warn_if_unread(self._name, call.model, usage, finish, messages=call.texts, key=self._api_key)
             calls = tool_calls.calls()
             yield ProviderFinish(
                 usage=reported,
@@ -531,7 +530,7 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
     def _translate(self, call: ProviderCall, exc: Exception) -> ProviderError | None:
         """The ``ProviderError`` for an SDK or transport exception; None for anything else (our bug)."""
         name, model = self._name, call.model
-        messages, key = [message.content for message in call.messages], self._api_key
+        messages, key = call.texts, self._api_key
         code = error_type = ""
         if isinstance(exc, openai.APIError):
             # The SDK gives a numeric code (vLLM's 400) as its text.
