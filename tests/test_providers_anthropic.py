@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -52,6 +53,7 @@ from routesvc.providers.base import HttpClientKind, ProviderCall
 from routesvc.testing import FakeProvider, Fault, Script
 from routesvc.tokens import count_text_tokens, estimate_input_tokens
 from tests.provider_statuses import STATUS_ERRORS
+from tests.raw_upstream import RawUpstream, Reply, anthropic_event, anthropic_stream
 
 CANARY_PROMPT = "canary-prompt-0b7e11 please repeat this"
 CANARY_KEY = "sk-ant-canary-key-3c5a90"
@@ -894,6 +896,27 @@ class TestAfterMessageStop:
         elapsed = time.monotonic() - started
         assert isinstance(events[-1], ProviderFinish)
         assert elapsed < 1.0
+
+    async def test_events_that_keep_coming_after_message_stop_end_the_answer_ok_soon(
+        self, http_client: HttpClientKind
+    ) -> None:
+        """A server that keeps sending events after ``message_stop`` (one every 20 ms, the body never
+        ending; not pings, which the SDK skips unread) is drained for one ``DRAIN_SECONDS`` in
+        all, not for each event: the answer ends OK with its usage, rather than never."""
+        more = anthropic_event("content_block_stop", {"type": "content_block_stop", "index": 0})
+        async with RawUpstream() as raw:
+            body = [*anthropic_stream(["Hello ", "there."], input_tokens=11)]
+            raw.replies.append(Reply(body=lambda: itertools.chain(body, itertools.repeat(more)), pause=0.02))
+            adapter = AnthropicProvider("anthropic", CANARY_KEY, raw.url, http_client=http_client)
+            try:
+                async with asyncio.timeout(10):
+                    events = await collect(adapter, make_call())
+            finally:
+                await adapter.aclose()
+        finish = events[-1]
+        assert isinstance(finish, ProviderFinish)
+        text = "".join(event.text for event in events if isinstance(event, TextDelta))
+        assert (text, finish.usage.input_tokens, finish.usage.output_tokens) == ("Hello there.", 11, 5)
 
 
 class TestLogging:

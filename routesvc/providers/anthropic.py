@@ -80,7 +80,6 @@ from routesvc.providers._adapter import SdkAdapter
 from routesvc.providers._aiohttp import keeping_buffered
 from routesvc.providers._event_size import DEFAULT_MAX_EVENT_BYTES, AnthropicEventEnds, EventBound, streaming
 from routesvc.providers._http import (
-    DEADLINE_MARGIN_SECONDS,
     DRAIN_SECONDS,
     END_OF_STREAM,
     EstimatedUsageLog,
@@ -525,25 +524,19 @@ class AnthropicProvider(SdkAdapter[anthropic.AsyncAnthropic]):
         """Read what follows ``message_stop`` (the end of the chunked body) so the connection is reused.
 
         Closing a response before its end closes the connection, and the next call would pay for a
-        new TCP and TLS handshake. A server that sends more, or stalls, gets ``DRAIN_SECONDS``, but
-        never past the call's ``deadline`` (loop time) less ``DEADLINE_MARGIN_SECONDS``, as the
-        OpenAI adapter's drain: the answer is whole, and must not reach the caller after its deadline.
-        An error of the stream meanwhile (a reset) is no failure: the answer and its usage came
-        (logged, ``_ends_whole``).
+        new TCP and TLS handshake. A server that sends more, or stalls, gets ``DRAIN_SECONDS`` in
+        all (not each event: one that keeps sending must not hold the answer), each event waited
+        for as ``_next_within`` waits, never past the call's ``deadline`` less
+        ``DEADLINE_MARGIN_SECONDS`` (the OpenAI adapter's drain): the answer is whole, and must not
+        reach the caller after its deadline. An error of the stream meanwhile (a reset) is no
+        failure: the answer and its usage came (logged, ``_ends_whole``).
         """
-        wait = DRAIN_SECONDS
-        if deadline is not None:
-            wait = min(wait, deadline - asyncio.get_running_loop().time() - DEADLINE_MARGIN_SECONDS)
-            if wait <= 0:
-                return
-        tail = asyncio.timeout(wait)
+        clock = asyncio.get_running_loop()
+        ends = clock.time() + DRAIN_SECONDS
         try:
-            async with tail:
-                while await self._guard(call, deadline, next_event(stream)) is not END_OF_STREAM:
-                    pass
-        except TimeoutError:
-            if not tail.expired():
-                raise
+            while (wait := ends - clock.time()) > 0:
+                if await self._next_within(call, deadline, stream, wait, none_came=END_OF_STREAM) is END_OF_STREAM:
+                    return
         except ProviderError as exc:
             self._ends_whole(call, exc, whole=True)
 
