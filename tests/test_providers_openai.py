@@ -50,7 +50,7 @@ from routesvc.providers._http import count_field, object_field, safe_code, text_
 from routesvc.providers.base import HttpClientKind, ProviderCall
 from routesvc.providers.openai import OpenAIProvider
 from routesvc.testing import FakeProvider, Fault, Script
-from routesvc.tokens import estimate_input_tokens
+from routesvc.tokens import count_text_tokens, estimate_input_tokens
 from tests.provider_statuses import STATUS_ERRORS
 
 CANARY_PROMPT = "canary-prompt-4f9c2e please repeat this"
@@ -714,6 +714,35 @@ class TestAfterTheFinish:
         assert isinstance(finish, ProviderFinish)
         assert (finish.usage.input_tokens, finish.usage.output_tokens, finish.estimated) == (11, 7, False)
         assert not [entry for entry in logs if entry["event"] == "provider_error_after_finish"]
+
+    @pytest.mark.parametrize(
+        "fault",
+        [
+            Script(fault=Fault.ERROR_EVENT, fault_at_end=True, error_type="server_error"),
+            Script(fault=Fault.RESET_AT_END, hang_seconds=0.05),
+        ],
+        ids=["error_event", "reset"],
+    )
+    async def test_an_error_after_a_finish_chunk_carrying_zero_counts_fails_the_attempt(
+        self, fake: FakeProvider, provider: OpenAIProvider, fault: Script
+    ) -> None:
+        """Zero counts on the finish chunk of an answer with text are a placeholder, no usage: an
+        error of the stream before ``[DONE]`` fails the attempt after the text, as while the usage
+        is waited for (it ended OK billed 0 tokens, not estimated)."""
+        fake.enqueue(replace(fault, usage_on_finish=True, input_tokens=0, output_tokens=0))
+        texts, error = await collect_until_error(provider, make_call())
+        assert ("".join(texts), type(error)) == ("Hello from the fake provider.", ProviderUnavailable)
+
+    async def test_zero_counts_on_the_finish_chunk_of_an_answer_with_text_are_estimated(
+        self, fake: FakeProvider, provider: OpenAIProvider
+    ) -> None:
+        """Zero counts on the finish chunk, then ``[DONE]``: the answer has text, so they are no
+        count; the usage is estimated and marked so, as when none came (it was billed 0 tokens)."""
+        fake.enqueue(Script(usage_on_finish=True, input_tokens=0, output_tokens=0))
+        finish = (await collect(provider, make_call()))[-1]
+        assert isinstance(finish, ProviderFinish)
+        estimate = (estimate_input_tokens(make_call().as_chat()), count_text_tokens("Hello from the fake provider."))
+        assert (finish.usage.input_tokens, finish.usage.output_tokens, finish.estimated) == (*estimate, True)
 
     async def test_a_reset_while_the_usage_is_waited_for_still_fails_the_attempt(
         self, fake: FakeProvider, provider: OpenAIProvider

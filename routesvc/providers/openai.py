@@ -294,11 +294,19 @@ def _warn_if_unread(
         )
 
 
-def _counted(value: object) -> bool:
-    """Whether a chunk's ``usage`` holds both counts, prompt and completion."""
-    usage = object_field(value)
-    counts = (count_field(usage.get("prompt_tokens")), count_field(usage.get("completion_tokens")))
-    return None not in counts
+def _counts(usage: Mapping[str, object], *, answered: bool) -> tuple[int | None, int | None]:
+    """A ``usage`` object's prompt and completion counts, each None when it is not reported,
+    malformed, or a placeholder: a zero for what is never empty, the prompt, or the completion of
+    a stream that ``answered`` (gave text, reasoning or a tool call). A server (a gateway) that
+    puts zeros on its finish chunk has counted nothing: the count is estimated, as when none came."""
+    prompt = count_field(usage.get("prompt_tokens"))
+    completion = count_field(usage.get("completion_tokens"))
+    return (prompt or None, None if completion == 0 and answered else completion)
+
+
+def _counted(value: object, *, answered: bool) -> bool:
+    """Whether a chunk's ``usage`` holds both counts, prompt and completion (``_counts``)."""
+    return None not in _counts(object_field(value), answered=answered)
 
 
 def _add_tool_calls(parts: ToolCallParts, pieces: object) -> str:
@@ -416,8 +424,9 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
             refused = False
             tool_calls = ToolCallParts()
             usage_chunk = False  # the usage-only chunk (no choices) came
-            # The finish chunk (or one after it) carried the usage, both counts: a server that sends
-            # no usage-only chunk (Gemini's OpenAI-compatible endpoint, some gateways).
+            # The finish chunk (or one after it) carried the usage, both counts (real ones, no
+            # placeholder zeros: ``_counts``): a server that sends no usage-only chunk (Gemini's
+            # OpenAI-compatible endpoint, some gateways).
             finish_usage = False
             deltas = False  # the stream sends ``delta``s (a ``message`` beside one is not read)
             while True:
@@ -480,7 +489,9 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
                     reason = choice.get("finish_reason")
                     if reason is not None and not (isinstance(reason, str) and not reason.strip()):
                         finish = text_field(reason).strip() or "other"
-                finish_usage = finish_usage or (finish is not None and bool(choices) and _counted(chunk.get("usage")))
+                finish_usage = finish_usage or (
+                    finish is not None and bool(choices) and _counted(chunk.get("usage"), answered=bool(output))
+                )
             if finish is None:
                 raise ProviderUnavailable(
                     describe(self._name, call.model, "stream ended without a finish reason"),
@@ -508,10 +519,9 @@ class OpenAIProvider(SdkAdapter[openai.AsyncOpenAI]):
     def _usage(self, call: ProviderCall, usage: Mapping[str, object], output: list[str]) -> tuple[Usage, bool]:
         """The reported usage (the last usage object of the stream, empty when none came), and
         whether part of it is estimated: a count the server did not report (or reported
-        malformed) is estimated with the offline tokenizer (the input over the whole request,
-        tools included), and the estimate logged."""
-        input_tokens = count_field(usage.get("prompt_tokens"))
-        output_tokens = count_field(usage.get("completion_tokens"))
+        malformed, or as a placeholder zero: ``_counts``) is estimated with the offline tokenizer
+        (the input over the whole request, tools included), and the estimate logged."""
+        input_tokens, output_tokens = _counts(usage, answered=bool(output))
         estimated = input_tokens is None or output_tokens is None
         if estimated:
             self._usage_log.estimated(self._name, call.model, kind=self._kind)
