@@ -49,7 +49,7 @@ from routesvc.providers._event_size import (
     _BoundedEvents,
 )
 from routesvc.providers.anthropic import AnthropicProvider
-from routesvc.providers.base import HttpClientKind, ProviderCall
+from routesvc.providers.base import HttpClientKind, ProviderCall, close_stream
 from routesvc.testing import FakeProvider, Fault, Script
 from routesvc.tokens import count_text_tokens, estimate_input_tokens
 from tests.provider_statuses import STATUS_ERRORS
@@ -885,17 +885,41 @@ class TestAfterMessageStop:
     async def test_the_drain_after_message_stop_ends_before_the_calls_deadline(
         self, fake: FakeProvider, provider: AnthropicProvider
     ) -> None:
-        """``message_stop`` comes about 90 ms before the call's deadline and the server holds the
-        body open: the answer is handed on by the deadline (50 ms kept before it, as the OpenAI
-        adapter's drain), not after the whole 0.1 s drain, past the deadline."""
-        # A whole answer first opens the connection: cold, reaching the fake takes time of its own.
-        await collect(provider, make_call())
-        fake.enqueue(Script(first_chunk_delay=0.9, chunk_count=1, fault=Fault.HANG_AT_END))
-        started = time.monotonic()
-        events = await collect(provider, make_call(timeout=1.0))
-        elapsed = time.monotonic() - started
-        assert isinstance(events[-1], ProviderFinish)
-        assert elapsed < 1.0
+        """``message_stop`` is read 90 ms before the call's deadline and the server holds the body
+        open: the drain stops by itself 50 ms before the deadline (``DEADLINE_MARGIN_SECONDS``, as
+        the OpenAI adapter's drain), the answer handed on OK with its usage before the deadline,
+        rather than run its whole 0.1 s past it, or until the deadline cut it (logged
+        ``provider_error_after_finish``).
+
+        The caller, not the clock, sets the 90 ms: it reads the answer's text, then waits before
+        asking for the rest (the stop reason, ``message_stop``, already sent), so a loaded machine
+        only makes the call's start and the answer's first events slower, which the 5 s deadline
+        leaves room for."""
+        fake.enqueue(Script(chunk_count=1, fault=Fault.HANG_AT_END, input_tokens=11, output_tokens=7))
+        clock = asyncio.get_running_loop()
+        timeout = 5.0
+        # The adapter takes its deadline when the stream starts, after this: never earlier.
+        deadline = clock.time() + timeout
+        stream = provider.stream(make_call(timeout=timeout))
+        with capture_logs() as logs:
+            try:
+                assert await anext(stream) == InputReported(Usage(input_tokens=11))
+                assert await anext(stream) == TextDelta("chunk-0 ")
+                await asyncio.sleep(deadline - 0.09 - clock.time())
+                finish = await anext(stream)
+                # Handed on before the deadline: the drain's own 50 ms before it is what keeps
+                # a loaded loop's lateness (the drain stopping late) from failing this.
+                ended = clock.time()
+            finally:
+                await close_stream(stream)
+        assert ended < deadline
+        assert isinstance(finish, ProviderFinish)
+        assert (finish.finish_reason, finish.usage.input_tokens, finish.usage.output_tokens) == (
+            FinishReason.STOP,
+            11,
+            7,
+        )
+        assert not [entry for entry in logs if entry["event"] == "provider_error_after_finish"]
 
     async def test_events_that_keep_coming_after_message_stop_end_the_answer_ok_soon(
         self, http_client: HttpClientKind
