@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import random
 import sys
 import time
+from dataclasses import replace
 from decimal import Decimal
 
 import grpc
 import pytest
 
 from routesvc import telemetry
-from routesvc.stats import FeedbackOutcome, Percentiles, RequestOutcome, RoutingStats
+from routesvc.stats import FeedbackOutcome, LateCharge, Percentiles, RequestOutcome, RoutingStats, Totals
 from routesvc.telemetry import Telemetry
 from routesvc.testing import FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
@@ -310,6 +312,88 @@ class TestManyTenants:
         assert Decimal(stats.other_tenant_totals.cost_usd) == 0
 
 
+class TestTheSummaryInSlices:
+    """A fold's last step, summing it up (picking the tenant rows, the latency percentiles), is
+    sliced as its scan is: with 100,000 tenants it held the event loop ~350 ms in one go
+    (``bench.stats_fold_steps``), and Route's p50 under GetStats polling rose to 8-11 ms."""
+
+    @staticmethod
+    def _random_window(rng: random.Random, tenants: int, outcomes: int) -> RoutingStats:
+        """A window of ``outcomes`` over ``tenants`` tenants, on few costs so that many tenants tie
+        on cost and requests, with late charges; latencies and first chunks at random."""
+        stats = RoutingStats(3600, outcomes, "base", clock=lambda: 1.0)
+        for _ in range(outcomes):
+            tenant = f"t{rng.randrange(tenants):05d}"
+            cost = rng.choice(("0.001", "0.002", "0.003"))
+            outcome = _outcome(1.0, tenant=tenant, model=rng.choice("abc"), cost=cost, baseline="0.004")
+            ttfc = rng.choice((None, rng.random()))
+            stats.add(replace(outcome, latency_seconds=rng.random(), time_to_first_chunk_seconds=ttfc))
+            if rng.random() < 0.05:
+                stats.add_late_charge(LateCharge(1.0, tenant, outcome.model, Decimal("0.001")))
+        return stats
+
+    async def test_the_summary_is_the_window_folded_in_one_piece(self) -> None:
+        """On a random window of 4,564 tenants (most tied on cost and requests), the tenant rows
+        are the 1,000 with the most cost, then requests, then the lowest id, by id, the others
+        summed; the percentiles are the nearest ranks of every sample; the same from ``summary``
+        and ``summarize``."""
+        rng = random.Random(20261201)  # noqa: S311 - a reproducible window, not a secret
+        stats = self._random_window(rng, 5_000, 12_000)
+        outcomes, late = tuple(stats._outcomes), tuple(stats._late)
+        rows: dict[str, list[Decimal]] = {}
+        for outcome in outcomes:
+            row = rows.setdefault(outcome.tenant, [Decimal(0)] * 5)
+            row[0] += 1
+            row[1] += outcome.cost_usd
+            row[2] += outcome.baseline_cost_usd
+            row[3] += outcome.estimated_cost_usd
+            row[4] += outcome.estimated_baseline_cost_usd
+        for charge in late:
+            rows[charge.tenant][1] += charge.cost_usd
+
+        def totals(sums: list[Decimal]) -> Totals:
+            return Totals(int(sums[0]), sums[1], sums[2], sums[3], sums[4], 0)
+
+        ranked = sorted(rows, key=lambda tenant: (-rows[tenant][1], -rows[tenant][0], tenant))
+        kept, others = sorted(ranked[:1_000]), ranked[1_000:]
+        other_sums = [sum((rows[tenant][i] for tenant in others), Decimal(0)) for i in range(5)]
+        ties = len(ranked) - len({(rows[tenant][1], rows[tenant][0]) for tenant in ranked})
+        assert (len(rows), ties > 4_000) == (4_564, True)
+
+        summary = await stats.summarize()
+        assert [(row.tenant, row.totals) for row in summary.tenants] == [(t, totals(rows[t])) for t in kept]
+        assert (summary.other_tenants, summary.other_tenant_totals) == (3_564, totals(other_sums))
+        assert summary.latency == Percentiles.of(outcome.latency_seconds for outcome in outcomes)
+        first_chunks = [o.time_to_first_chunk_seconds for o in outcomes if o.time_to_first_chunk_seconds is not None]
+        assert summary.time_to_first_chunk == Percentiles.of(first_chunks)
+        assert summary.totals.requests == 12_000
+        assert summary == stats.summary()
+
+    async def test_picking_the_tenant_rows_gives_the_event_loop_back(self) -> None:
+        """With 3,000 tenants tied on cost and requests, ranked by id alone, the comparisons of
+        their ids (made only in the last step) are spread over several turns of the event loop: a
+        task counting its turns meanwhile is seen at more than one count (one: the 1,000 rows were
+        picked in one go)."""
+        turns = [0]
+        seen: set[int] = set()
+        stats = RoutingStats(3600, 3_000, "base", clock=lambda: 1.0)
+        for i in range(3_000):
+            stats.add(_outcome(1.0, tenant=_WatchedTenant(f"t{i:04d}", turns, seen)))
+
+        async def count_turns() -> None:
+            while True:
+                turns[0] += 1
+                await asyncio.sleep(0)
+
+        counting = asyncio.ensure_future(count_turns())
+        try:
+            summary = await stats.summarize()
+        finally:
+            counting.cancel()
+        assert [row.tenant for row in summary.tenants] == [f"t{i:04d}" for i in range(1_000)]
+        assert len(seen) > 1
+
+
 class TestFoldsTakeTurns:
     """Different questions (one per tenant, other windows) are folded one after another in the
     order asked, so the first asked is answered first (they took turns slice by slice, and all
@@ -518,6 +602,22 @@ class TestABaselineChangedByAReload:
             "claude-sonnet, gpt-4o",
             priced_on("claude-sonnet") + priced_on("gpt-4o"),
         )
+
+
+class _WatchedTenant(str):
+    """A tenant id that notes, at each ordering comparison with it, how many turns a task counting
+    the event loop's turns has made (the test's, not the service's)."""
+
+    __slots__ = ("seen", "turns")
+
+    def __new__(cls, value: str, turns: list[int], seen: set[int]) -> _WatchedTenant:
+        made = super().__new__(cls, value)
+        made.turns, made.seen = turns, seen
+        return made
+
+    def __lt__(self, other: str) -> bool:
+        self.seen.add(self.turns[0])
+        return str.__lt__(self, other)
 
 
 class _CountedId(str):
