@@ -9,10 +9,13 @@ from collections.abc import Callable, Mapping
 import bpe_openai
 
 from routesvc.images import image_estimate
-from routesvc.models import ChatRequest, ImageEstimate, ProviderKind
+from routesvc.models import ChatRequest, ImageEstimate, ProviderKind, Role
 
-# Per-message framing the chat formats add around each message's text (role markers and
-# separators); OpenAI documents 3 tokens per message plus 3 to prime the reply.
+# Per-message framing the chat formats add around each message's text: OpenAI's cookbook ("How to
+# count tokens with tiktoken", num_tokens_from_messages, gpt-4o and gpt-4o-mini) counts 3 tokens a
+# message (its start, separator and end markers) plus the tokens of its role's text (and of a name,
+# which our messages do not have), and 3 to prime the reply (<|start|>assistant<|message|>).
+# Anthropic documents no framing of its own; its kind is estimated with the same.
 _TOKENS_PER_MESSAGE = 3
 _TOKENS_REPLY_PRIMER = 3
 
@@ -79,6 +82,12 @@ def count_text_tokens(text: str) -> int:
     return _count_uncached(text)
 
 
+@functools.cache
+def _role_tokens(role: Role) -> int:
+    """Tokens of a role's text as the chat format writes it (``user``, ``tool``: 1 each in o200k)."""
+    return count_text_tokens(role.value)
+
+
 def _schema_text(schema: Mapping[str, object]) -> str:
     """A JSON schema as compact JSON with its characters as written, not ``\\uXXXX`` escapes: the
     provider parses the schema and the model sees its text (escapes would count a CJK character as
@@ -98,12 +107,13 @@ def estimate_image_tokens(chat: ChatRequest) -> ImageEstimate:
 def estimate_input_tokens(chat: ChatRequest, kind: ProviderKind = "openai_compatible") -> int:
     """Estimated input tokens of ``chat`` on a model of a provider of ``kind``: message texts,
     images (by that kind's formula, ``routesvc.images``; the larger of OpenAI's and Anthropic's
-    unless told) and tool calls, framing, tool definitions and a response format's JSON schema
-    (which the providers put in the prompt too)."""
+    unless told) and tool calls, framing (OpenAI's: 3 tokens and the role's text a message, 3 for
+    the reply; every kind alike), tool definitions and a response format's JSON schema (which the
+    providers put in the prompt too)."""
     total = _TOKENS_REPLY_PRIMER
     images = ImageEstimate()
     for message in chat.messages:
-        total += _TOKENS_PER_MESSAGE + count_text_tokens(message.content)
+        total += _TOKENS_PER_MESSAGE + _role_tokens(message.role) + count_text_tokens(message.content)
         for image in message.images:
             images += image_estimate(image)
         for call in message.tool_calls:

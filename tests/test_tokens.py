@@ -10,7 +10,7 @@ import pytest
 
 from routesvc import tokens
 from routesvc.client import RouterClient
-from routesvc.models import ChatRequest, Message, ResponseFormat, ResponseFormatType, Role, ToolCall
+from routesvc.models import ChatRequest, Message, ProviderKind, ResponseFormat, ResponseFormatType, Role, ToolCall
 from routesvc.tokens import count_text_tokens, estimate_input_tokens
 from routesvc.v1 import router_pb2 as pb
 from tests.conftest import user_chat
@@ -50,6 +50,24 @@ class TestCountTextTokens:
 
 
 class TestEstimateInputTokens:
+    @pytest.mark.parametrize("kind", ["openai", "anthropic", "openai_compatible"])
+    def test_each_message_counts_its_framing_its_role_and_its_text(self, kind: ProviderKind) -> None:
+        """OpenAI's documented count (the cookbook's ``num_tokens_from_messages`` for gpt-4o): 3
+        tokens a message, plus its role's text and its content, plus 3 priming the reply; every
+        kind is estimated alike (Anthropic documents no framing of its own)."""
+        chat = ChatRequest(
+            (
+                Message(Role.SYSTEM, "You are a terse geography tutor."),
+                Message(Role.USER, "What is the capital of France?"),
+                Message(Role.ASSISTANT, "Paris."),
+                Message(Role.USER, "And of Italy?"),
+            )
+        )
+        # In o200k each role is 1 token and the contents are 7, 7, 2 and 4.
+        counts = [(count_text_tokens(m.role.value), count_text_tokens(m.content)) for m in chat.messages]
+        assert counts == [(1, 7), (1, 7), (1, 2), (1, 4)]
+        assert estimate_input_tokens(chat, kind) == 4 * (3 + 1) + (7 + 7 + 2 + 4) + 3
+
     def test_tool_calls_and_results_are_counted(self) -> None:
         """An assistant turn's calls (id, name, arguments) and a tool turn's call id count as input."""
         call = ToolCall("call_1", "get_weather", '{"city": "Paris", "unit": "celsius"}')
