@@ -57,12 +57,13 @@ async def _route_closed_loop(
 ) -> dict[str, Any]:
     import grpc
 
+    from routesvc.client import direct_channel_options
     from routesvc.v1 import router_pb2 as pb
     from routesvc.v1 import router_pb2_grpc as pb_grpc
 
     requests = [pb.RouteRequest(chat=chat, context=context) for chat, context in _route_requests(True)]
     pick = _picker(requests, unique)
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with grpc.aio.insecure_channel(target, options=direct_channel_options(target)) as channel:
         stub = pb_grpc.RouterServiceStub(channel)
         await asyncio.wait_for(channel.channel_ready(), 30)
         latencies: list[float] = []
@@ -113,12 +114,13 @@ def route_open_loop(
 async def _route_open_loop(target: str, rate: float, duration: float, warmup: float, unique: bool) -> dict[str, Any]:
     import grpc
 
+    from routesvc.client import direct_channel_options
     from routesvc.v1 import router_pb2 as pb
     from routesvc.v1 import router_pb2_grpc as pb_grpc
 
     requests = [pb.RouteRequest(chat=chat, context=context) for chat, context in _route_requests(True)]
     pick = _picker(requests, unique)
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with grpc.aio.insecure_channel(target, options=direct_channel_options(target)) as channel:
         stub = pb_grpc.RouterServiceStub(channel)
         await asyncio.wait_for(channel.channel_ready(), 30)
         latencies: list[float] = []
@@ -288,10 +290,11 @@ async def _streams(
     if kind == "grpc":
         import grpc
 
+        from routesvc.client import direct_channel_options
         from routesvc.v1 import router_pb2 as pb
         from routesvc.v1 import router_pb2_grpc as pb_grpc
 
-        channel = grpc.aio.insecure_channel(target)
+        channel = grpc.aio.insecure_channel(target, options=direct_channel_options(target))
         closers.append(channel.close)
         await asyncio.wait_for(channel.channel_ready(), 30)
         stub = pb_grpc.RouterServiceStub(channel)

@@ -10,15 +10,16 @@ import socket
 import sqlite3
 import stat
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 
+import grpc
 import pytest
 import structlog
 import yaml
 
-from routesvc.client import RouterClient, build_chat
+from routesvc.client import RouterClient, build_chat, direct_channel_options
 from routesvc.config import DATA_DIR_ENV, Settings, parse_config
 from routesvc.providers.base import HttpClientKind
 from routesvc.server import Server
@@ -218,3 +219,19 @@ async def until(predicate: Callable[[], bool], cap: float = 10.0) -> None:
     async with asyncio.timeout(cap):
         while not predicate():  # noqa: ASYNC110 - plain attributes, polled
             await asyncio.sleep(0.02)
+
+
+ChannelOptions = Sequence[tuple[str, str | int]]
+
+
+def loopback_channel(target: str, options: ChannelOptions = (), **kwargs: object) -> grpc.aio.Channel:
+    """A plaintext grpc.aio channel to a server of this host, as ``RouterClient`` opens one: off
+    any proxy the environment names (``direct_channel_options``; gRPC would tunnel even a loopback
+    call through ``grpc_proxy`` / ``http_proxy``). ``options`` and ``kwargs`` as
+    ``grpc.aio.insecure_channel`` takes them."""
+    return grpc.aio.insecure_channel(target, options=[*direct_channel_options(target), *options], **kwargs)
+
+
+def loopback_sync_channel(target: str, options: ChannelOptions = ()) -> grpc.Channel:
+    """``loopback_channel``, blocking (``grpc.insecure_channel``)."""
+    return grpc.insecure_channel(target, options=[*direct_channel_options(target), *options])

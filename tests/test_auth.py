@@ -17,7 +17,7 @@ from routesvc.errors import ConfigError
 from routesvc.server import Server
 from routesvc.testing import FakeProvider
 from routesvc.v1 import router_pb2 as pb
-from tests.conftest import default_config, live_environ, settings_from, user_chat
+from tests.conftest import default_config, live_environ, loopback_channel, settings_from, user_chat
 from tests.test_validation import error_info
 
 ACME_KEY = "acme-key-canary-0001"
@@ -68,7 +68,7 @@ class TestAuthentication:
 
     async def test_health_and_model_listing_follow_the_rules(self, secured: Server) -> None:
         """Health answers without a key; the service itself does not."""
-        async with grpc.aio.insecure_channel(secured.target) as channel:
+        async with loopback_channel(secured.target) as channel:
             health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         async with RouterClient(secured.target) as client:

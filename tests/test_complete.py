@@ -24,7 +24,15 @@ from routesvc.server import Server
 from routesvc.testing import DEFAULT_TEXT, FakeProvider, FakeToolCall, Fault, Script
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
-from tests.conftest import add_local_model, default_config, live_environ, settings_from, until, user_chat
+from tests.conftest import (
+    add_local_model,
+    default_config,
+    live_environ,
+    loopback_channel,
+    settings_from,
+    until,
+    user_chat,
+)
 from tests.observability import observed_server
 from tests.test_validation import error_info
 
@@ -159,7 +167,7 @@ async def _late_readers(
         sizes = await _window_edge_sizes(fake, observed.client)
 
         async def late_reader(size: int) -> tuple[list[str], grpc.StatusCode, str]:
-            async with grpc.aio.insecure_channel(observed.server.target, options=options) as channel:
+            async with loopback_channel(observed.server.target, options=options) as channel:
                 request_id = f"late-reader-{size}"
                 call = pb_grpc.RouterServiceStub(channel).Complete(
                     pb.CompleteRequest(chat=user_chat("a late reader")),
@@ -573,7 +581,7 @@ class TestDeadlinesAndCancellation:
         await _collect(live_client)  # opens the provider connection
         fake.enqueue(Script(chunk_count=1000, chunk_delay=0.05))
         loop = asyncio.get_running_loop()
-        async with grpc.aio.insecure_channel(live_server.target) as channel:
+        async with loopback_channel(live_server.target) as channel:
             call = pb_grpc.RouterServiceStub(channel).Complete(
                 pb.CompleteRequest(chat=user_chat("hi")), timeout=4.0, metadata=(("x-request-id", "late-loop"),)
             )
@@ -652,7 +660,7 @@ class TestDeadlinesAndCancellation:
 
         async with (
             observed_server(fake) as observed,
-            grpc.aio.insecure_channel(observed.server.target, options=options) as channel,
+            loopback_channel(observed.server.target, options=options) as channel,
         ):
             await _collect(observed.client)  # opens the provider connection (see above)
             stub = pb_grpc.RouterServiceStub(channel)
@@ -787,7 +795,7 @@ class TestDeadlinesAndCancellation:
             reached = asyncio.Event()
 
             async def leaver(size: int) -> grpc.StatusCode:
-                async with grpc.aio.insecure_channel(observed.server.target, options=options) as channel:
+                async with loopback_channel(observed.server.target, options=options) as channel:
                     call = pb_grpc.RouterServiceStub(channel).Complete(
                         pb.CompleteRequest(chat=user_chat("a late reader")),
                         metadata=(("x-request-id", f"leaver-{size}"),),
@@ -1000,7 +1008,7 @@ class TestDeadlinesAndCancellation:
                 calls.append(call)
                 return call
 
-        channel = grpc.aio.insecure_channel(live_server.target, interceptors=[Recorder()])
+        channel = loopback_channel(live_server.target, interceptors=[Recorder()])
         async with RouterClient(live_server.target, channel=channel) as client:
             for _ in range(5):
                 fake.enqueue(Script(chunks=("a", "b", "c")))

@@ -24,7 +24,16 @@ from routesvc.server import Server
 from routesvc.testing import FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
-from tests.conftest import REPO, default_config, live_environ, process_environ, settings_from, user_chat
+from tests.conftest import (
+    REPO,
+    default_config,
+    live_environ,
+    loopback_channel,
+    loopback_sync_channel,
+    process_environ,
+    settings_from,
+    user_chat,
+)
 from tests.test_batches import batch_config, get_batch, submit
 from tests.test_validation import error_info
 
@@ -38,7 +47,7 @@ class TestDrain:
         await server.start()
         fake.enqueue(Script(chunk_count=10, chunk_delay=0.05), model="gpt-4o-mini")
         fake.enqueue(Script(chunk_count=2000, chunk_delay=0.01), model="gpt-4o")
-        async with RouterClient(server.target) as client, grpc.aio.insecure_channel(server.target) as channel:
+        async with RouterClient(server.target) as client, loopback_channel(server.target) as channel:
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
 
@@ -83,8 +92,8 @@ class TestDrain:
         server = Server(settings_from(config, live_environ(fake)), port=0)
         await server.start()
         async with (
-            grpc.aio.insecure_channel(server.target) as channel,
-            grpc.aio.insecure_channel(server.health_target) as health_channel,
+            loopback_channel(server.target) as channel,
+            loopback_channel(server.health_target) as health_channel,
         ):
             watches = [
                 health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest()),
@@ -177,7 +186,7 @@ class TestDrainProcess:
             )
             assert server.stdout is not None
             target = json.loads(server.stdout.readline())["target"]
-            with grpc.insecure_channel(target) as channel:
+            with loopback_sync_channel(target) as channel:
                 stub = pb_grpc.RouterServiceStub(channel)
                 watch = grpc_health_watch(channel)
                 assert next(watch).status == health_pb2.HealthCheckResponse.SERVING

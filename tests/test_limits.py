@@ -24,7 +24,7 @@ from routesvc.errors import LimitExceeded, RequestTooLarge
 from routesvc.server import Server
 from routesvc.testing import FakeProvider, Script
 from routesvc.v1 import router_pb2 as pb
-from tests.conftest import default_config, live_environ, settings_from, user_chat
+from tests.conftest import default_config, live_environ, loopback_channel, settings_from, user_chat
 from tests.test_validation import error_info
 
 
@@ -867,7 +867,7 @@ async def _route_burst(
         for connection in range(connections):
             # A channel of its own subchannels, each its own TCP connection.
             options = [("grpc.use_local_subchannel_pool", 1), ("routesvc.test_connection", connection)]
-            channel = grpc.aio.insecure_channel(server.target, options=options)
+            channel = loopback_channel(server.target, options=options)
             client = RouterClient(server.target, channel=channel, default_timeout=None)
             stack.push_async_callback(client.aclose)
             await client.route(user_chat("hi"))  # the connection is up before the burst

@@ -19,7 +19,7 @@ from routesvc.server import Server
 from routesvc.testing import FakeProvider, Fault, FaultProxy, NetworkFault, Script
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
-from tests.conftest import default_config, live_environ, settings_from, user_chat
+from tests.conftest import default_config, live_environ, loopback_channel, settings_from, user_chat
 from tests.observability import observed_server
 from tests.test_validation import error_info
 
@@ -156,7 +156,7 @@ class TestSlowConsumer:
         options = [("grpc.http2.lookahead_bytes", 65_536), ("grpc.http2.bdp_probe", 0)]
         async with (
             observed_server(fake, config=config) as observed,
-            grpc.aio.insecure_channel(observed.server.target, options=options) as channel,
+            loopback_channel(observed.server.target, options=options) as channel,
         ):
             stub = pb_grpc.RouterServiceStub(channel)
             with capture_logs(processors=[notify]) as logs:
@@ -219,7 +219,7 @@ class TestSlowConsumer:
         async with (
             Server(settings_from(config, live_environ(fake)), port=0) as server,
             RouterClient(server.target) as client,
-            grpc.aio.insecure_channel(server.target, options=options) as channel,
+            loopback_channel(server.target, options=options) as channel,
         ):
             stub = pb_grpc.RouterServiceStub(channel)
             with capture_logs(processors=[notify]):

@@ -21,7 +21,7 @@ from routesvc.testing import FakeProvider, Fault, Script
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
 from routesvc.wire import routing_request
-from tests.conftest import default_config, live_environ, settings_from
+from tests.conftest import default_config, live_environ, loopback_sync_channel, settings_from
 
 CANARY = "prop-canary-93b1"
 
@@ -114,7 +114,7 @@ def background() -> Iterator[_Background]:
 
 @pytest.fixture(scope="module")
 def stub(background: _Background) -> Iterator[pb_grpc.RouterServiceStub]:
-    with grpc.insecure_channel(background.server.target) as channel:
+    with loopback_sync_channel(background.server.target) as channel:
         yield pb_grpc.RouterServiceStub(channel)
 
 
@@ -143,7 +143,7 @@ class TestOverTheWire:
     @given(data=st.binary(max_size=64))
     def test_arbitrary_bytes_are_invalid_argument_or_parse(self, background: _Background, data: bytes) -> None:
         """Raw bytes on the wire: either a message that is then validated, or INVALID_ARGUMENT."""
-        with grpc.insecure_channel(background.server.target) as channel:
+        with loopback_sync_channel(background.server.target) as channel:
             call = channel.unary_unary("/routesvc.v1.RouterService/Route")
             try:
                 call(data, timeout=10)

@@ -27,7 +27,7 @@ from routesvc.server import Server
 from routesvc.testing import FakeProvider, Fault, Script
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
-from tests.conftest import default_config, live_environ, settings_from, until, user_chat
+from tests.conftest import default_config, live_environ, loopback_channel, settings_from, until, user_chat
 from tests.observability import Observed, observed_server
 from tests.test_limits import retry_delay
 from tests.test_validation import error_info
@@ -1314,7 +1314,7 @@ class TestLedger:
         config["tenants"] = {"acme": {"daily_budget_usd": "5"}}
         async with (
             Server(settings_from(config, live_environ(fake)), port=0) as server,
-            grpc.aio.insecure_channel(server.target) as channel,
+            loopback_channel(server.target) as channel,
         ):
             # Chunks as fast as they come: the cancel lands while the handler is writing (the
             # stream is closed from outside), not while it waits for the provider.

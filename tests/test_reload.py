@@ -37,6 +37,7 @@ from tests.conftest import (
     default_config,
     keyless_environ,
     live_environ,
+    loopback_sync_channel,
     process_environ,
     settings_from,
     user_chat,
@@ -130,7 +131,7 @@ class TestHotReload:
         logged, naming the line but never quoting it (PyYAML's message quoted the line, and with
         it the password of a Redis URL)."""
         configmap, target, _, logs = served
-        with grpc.insecure_channel(target) as channel:
+        with loopback_sync_channel(target) as channel:
             stub = pb_grpc.RouterServiceStub(channel)
             assert default_model(stub) == "gpt-4o-mini"
             configmap.publish(config_text("gpt-4o"))
@@ -152,7 +153,7 @@ class TestHotReload:
         configmap, target, _, logs = served
         broken = yaml.safe_load(config_text("gpt-4o"))
         broken["routing"]["stages"] = [{"kind": "classifier", "examples": "/nonexistent/examples.jsonl"}]
-        with grpc.insecure_channel(target) as channel:
+        with loopback_sync_channel(target) as channel:
             stub = pb_grpc.RouterServiceStub(channel)
             configmap.publish(yaml.safe_dump(broken))
             assert wait_for(lambda: any(entry["event"] == "config_reload_rejected" for entry in logs))
@@ -168,7 +169,7 @@ class TestHotReload:
         """200 Route calls while the config is swapped 5 times: every call succeeds."""
         configmap, target, _, _ = served
         failures: list[BaseException] = []
-        with grpc.insecure_channel(target) as channel:
+        with loopback_sync_channel(target) as channel:
             stub = pb_grpc.RouterServiceStub(channel)
 
             def hammer() -> None:

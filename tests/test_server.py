@@ -26,13 +26,13 @@ from routesvc.server import SERVICE_NAME, Server
 from routesvc.testing import FakeProvider
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
-from tests.conftest import REPO, default_config, live_environ, settings_from, user_chat
+from tests.conftest import REPO, default_config, live_environ, loopback_channel, settings_from, user_chat
 
 
 async def health_across_drain(server: Server, target: str, service: str = "") -> tuple[int, int]:
     """The status a plaintext Watch on ``target`` streams first, and then once ``server`` starts
     draining."""
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with loopback_channel(target) as channel:
         call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=service))
         first = await call.read()
         closing = asyncio.create_task(server.aclose())
@@ -41,10 +41,27 @@ async def health_across_drain(server: Server, target: str, service: str = "") ->
     return first.status, second.status
 
 
+class TestTheTestsChannelsSkipProxies:
+    """The channels tests open to their in-process server (``loopback_channel``) go straight to
+    it, whatever proxy the environment names (as CI and corporate machines do)."""
+
+    async def test_a_test_channel_reaches_the_server_past_a_closed_proxy(
+        self, server: Server, monkeypatch: pytest.MonkeyPatch, unaccepting_port: int
+    ) -> None:
+        """grpc_proxy, http_proxy and https_proxy name a port that never accepts: Check still says
+        SERVING (a plain ``grpc.aio.insecure_channel`` tunnels even a loopback call through the
+        proxy: the call ended DEADLINE_EXCEEDED)."""
+        for name in ("grpc_proxy", "http_proxy", "https_proxy"):
+            monkeypatch.setenv(name, f"http://127.0.0.1:{unaccepting_port}")
+        async with loopback_channel(server.target) as channel:
+            response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
 class TestHealth:
     async def test_serving_for_the_server_and_the_service(self, server: Server) -> None:
         """grpc.health.v1 Check says SERVING for "" and for routesvc.v1.RouterService."""
-        async with grpc.aio.insecure_channel(server.target) as channel:
+        async with loopback_channel(server.target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             for name in ("", SERVICE_NAME):
                 response = await stub.Check(health_pb2.HealthCheckRequest(service=name))
@@ -84,9 +101,9 @@ class TestHealth:
         async with Server(settings_from(config), port=0) as server:
             port = server.target.rsplit(":", 1)[1]
             async with (
-                grpc.aio.insecure_channel(f"127.0.0.1:{port}") as first,
-                grpc.aio.insecure_channel(f"127.0.0.1:{port}") as second,
-                grpc.aio.insecure_channel(f"[::1]:{port}") as other,
+                loopback_channel(f"127.0.0.1:{port}") as first,
+                loopback_channel(f"127.0.0.1:{port}") as second,
+                loopback_channel(f"[::1]:{port}") as other,
             ):
                 held = [health_pb2_grpc.HealthStub(c).Watch(request) for c in (first, second)]
                 statuses = [(await watch.read()).status for watch in held]
@@ -102,7 +119,7 @@ class TestHealth:
         """A Watch's service name is held while it is open: one over 256 characters (no service
         is named so) is INVALID_ARGUMENT at once, so 1,000 unauthenticated Watch streams cannot
         hold a 4 MiB name each; an unknown name of ordinary length still streams SERVICE_UNKNOWN."""
-        async with grpc.aio.insecure_channel(server.target) as channel:
+        async with loopback_channel(server.target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stub.Watch(health_pb2.HealthCheckRequest(service="s" * 100_000)).read()
@@ -124,8 +141,8 @@ class TestHealth:
         request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
         async with (
             Server(settings_from(config), port=0) as server,
-            grpc.aio.insecure_channel(server.target) as channel,
-            grpc.aio.insecure_channel(server.health_target) as health_channel,
+            loopback_channel(server.target) as channel,
+            loopback_channel(server.health_target) as health_channel,
         ):
             stubs = [health_pb2_grpc.HealthStub(channel), health_pb2_grpc.HealthStub(health_channel)]
             watches = [stubs[0].Watch(request), stubs[0].Watch(request), stubs[1].Watch(request)]
@@ -167,8 +184,8 @@ class TestHealth:
         request = health_pb2.HealthCheckRequest()
         async with (
             Server(settings_from(config), port=0) as server,
-            grpc.aio.insecure_channel(server.target) as channel,
-            grpc.aio.insecure_channel(server.target, options=[("grpc.use_local_subchannel_pool", 1)]) as other,
+            loopback_channel(server.target) as channel,
+            loopback_channel(server.target, options=[("grpc.use_local_subchannel_pool", 1)]) as other,
         ):
             stub = health_pb2_grpc.HealthStub(channel)
             watches = [stub.Watch(request) for _ in range(2)]
@@ -187,7 +204,7 @@ class TestHealth:
 class TestReflection:
     async def test_lists_the_services(self, server: Server) -> None:
         """Server reflection lists RouterService and health."""
-        async with grpc.aio.insecure_channel(server.target) as channel:
+        async with loopback_channel(server.target) as channel:
             stub = reflection_pb2_grpc.ServerReflectionStub(channel)
             responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
             async for response in responses:
@@ -199,7 +216,7 @@ class TestReflection:
 class TestMetadata:
     async def test_unknown_method_is_unimplemented(self, server: Server) -> None:
         """A method the service does not have is UNIMPLEMENTED."""
-        async with grpc.aio.insecure_channel(server.target) as channel:
+        async with loopback_channel(server.target) as channel:
             call = channel.unary_unary("/routesvc.v1.RouterService/Nope")
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await call(b"")
@@ -207,7 +224,7 @@ class TestMetadata:
 
     async def test_request_id_round_trips(self, server: Server) -> None:
         """x-request-id sent by the client comes back in initial and trailing metadata."""
-        async with grpc.aio.insecure_channel(server.target) as channel:
+        async with loopback_channel(server.target) as channel:
             from routesvc.v1 import router_pb2 as pb
             from routesvc.v1 import router_pb2_grpc as pb_grpc
 
@@ -229,7 +246,7 @@ class TestMetadata:
         metadata limit: a Complete served, and billed, failed RESOURCE_EXHAUSTED at the caller.)"""
         async with (
             Server(settings_from(default_config(), live_environ(fake)), port=0) as server,
-            grpc.aio.insecure_channel(server.target) as channel,
+            loopback_channel(server.target) as channel,
         ):
             stub = pb_grpc.RouterServiceStub(channel)
 
@@ -266,7 +283,7 @@ class TestMetadata:
 
     async def test_a_request_id_is_made_when_missing(self, client: RouterClient, server: Server) -> None:
         """Without x-request-id the server makes one up and returns it."""
-        async with grpc.aio.insecure_channel(server.target) as channel:
+        async with loopback_channel(server.target) as channel:
             from routesvc.v1 import router_pb2 as pb
             from routesvc.v1 import router_pb2_grpc as pb_grpc
 
@@ -461,7 +478,7 @@ class TestConnectionAge:
         config["server"] = {"max_connection_age_seconds": 0.5}
         async with (
             Server(settings_from(config), port=0) as server,
-            grpc.aio.insecure_channel(server.target) as channel,
+            loopback_channel(server.target) as channel,
         ):
             stub = pb_grpc.RouterServiceStub(channel)
             request = pb.RouteRequest(chat=user_chat("hi"))

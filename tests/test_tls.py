@@ -24,7 +24,16 @@ from routesvc.errors import ConfigError
 from routesvc.server import SERVICE_NAME, Server
 from routesvc.testing import FakeProvider
 from routesvc.v1 import router_pb2 as pb
-from tests.conftest import REPO, default_config, free_port, live_environ, process_environ, settings_from, user_chat
+from tests.conftest import (
+    REPO,
+    default_config,
+    free_port,
+    live_environ,
+    loopback_channel,
+    process_environ,
+    settings_from,
+    user_chat,
+)
 from tests.test_server import health_across_drain
 
 
@@ -302,12 +311,12 @@ class TestHealthPort:
             yield server
 
     async def test_a_plaintext_probe_sees_serving_where_the_tls_port_refuses_it(self, tls_server: Server) -> None:
-        async with grpc.aio.insecure_channel(tls_server.health_target) as channel:
+        async with loopback_channel(tls_server.health_target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             for name in ("", SERVICE_NAME):
                 response = await stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
                 assert response.status == health_pb2.HealthCheckResponse.SERVING
-        async with grpc.aio.insecure_channel(tls_server.target) as channel:
+        async with loopback_channel(tls_server.target) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -21,7 +21,7 @@ from routesvc.config import ReliabilityConfig
 from routesvc.models import ChatRequest, Message, Role, RoutingContext, RoutingRequest
 from routesvc.testing import FakeProvider, FakeToolCall, Fault, Script
 from routesvc.v1 import router_pb2 as pb
-from tests.conftest import add_local_model, default_config, settings_from, until, user_chat
+from tests.conftest import add_local_model, default_config, loopback_channel, settings_from, until, user_chat
 from tests.observability import Observed, observed_server
 from tests.test_images import png
 
@@ -397,7 +397,7 @@ class TestServerSpan:
         """Only RouterService RPCs are traced; a health check leaves no span."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        async with grpc.aio.insecure_channel(observed.server.target) as channel:
+        async with loopback_channel(observed.server.target) as channel:
             await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
         assert observed.finished() == []
 

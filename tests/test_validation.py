@@ -11,7 +11,7 @@ from routesvc.client import RouterClient
 from routesvc.server import Server
 from routesvc.v1 import router_pb2 as pb
 from routesvc.v1 import router_pb2_grpc as pb_grpc
-from tests.conftest import default_config, settings_from, user_chat
+from tests.conftest import default_config, loopback_channel, settings_from, user_chat
 
 CANARY = "canary-prompt-7f3a9"
 
@@ -434,7 +434,7 @@ class TestWireLevel:
         message = bytes([0x08, 0x02, 0x12, 0x02, 0xFF, 0xFE])  # Message{role: USER, content: b"\xff\xfe"}
         chat = bytes([0x0A, len(message)]) + message
         request = bytes([0x0A, len(chat)]) + chat
-        async with grpc.aio.insecure_channel(server.target) as channel:  # type: ignore[attr-defined]
+        async with loopback_channel(server.target) as channel:  # type: ignore[attr-defined]
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await channel.unary_unary("/routesvc.v1.RouterService/Route")(request)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -447,7 +447,7 @@ class TestWireLevel:
         chat = pb.ChatRequest(messages=[pb.Message(role=pb.ROLE_USER, content="hi")]).SerializeToString()
         chat += bytes([0x2A, 0x03, 0xED, 0xA0, 0x80])  # stop: "\ud800" as UTF-8 would spell it
         request = bytes([0x0A, len(chat)]) + chat
-        async with grpc.aio.insecure_channel(server.target) as channel:  # type: ignore[attr-defined]
+        async with loopback_channel(server.target) as channel:  # type: ignore[attr-defined]
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await channel.unary_unary("/routesvc.v1.RouterService/Route")(request)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -526,7 +526,7 @@ class TestGetStatsRequest:
     ) -> None:
         """A window outside google.protobuf.Duration's own rules is INVALID_ARGUMENT naming it (it
         was read as some other length)."""
-        async with grpc.aio.insecure_channel(server.target) as channel:
+        async with loopback_channel(server.target) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await pb_grpc.RouterServiceStub(channel).GetStats(pb.GetStatsRequest(window=window))
         assert (caught.value.code(), error_info(caught.value).metadata["field"]) == (

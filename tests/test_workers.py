@@ -13,7 +13,6 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -23,7 +22,7 @@ from routesvc.config import NATIVE_THREAD_VARIABLES, Settings, limit_native_thre
 from routesvc.errors import ConfigError
 from routesvc.supervisor import serve_workers
 from routesvc.testing import FakeProvider, Script
-from tests.conftest import default_config, free_port, live_environ, settings_from, user_chat
+from tests.conftest import default_config, free_port, live_environ, loopback_channel, settings_from, user_chat
 
 
 class _Serve:
@@ -82,7 +81,7 @@ class TestWorkers:
         health_targets = {e["health_target"] for e in serve_process.events if e["event"] == "server_started"}
         assert len(health_targets) == 1
         for _ in range(4):  # both workers share the health port too
-            async with grpc.aio.insecure_channel(str(*health_targets)) as channel:
+            async with loopback_channel(str(*health_targets)) as channel:
                 response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
                 assert response.status == health_pb2.HealthCheckResponse.SERVING
         for _ in range(4):
