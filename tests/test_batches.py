@@ -2010,7 +2010,11 @@ class TestBatchFailures:
     async def test_one_erroring_request_fails_alone(self, tmp_path: Path, fake: FakeProvider) -> None:
         """Two jobs in one batch, the provider answers the first with a 500: it fails, the other succeeds."""
         config = batch_config(tmp_path)
-        config["batch"]["group_window_seconds"] = 0.3  # type: ignore[index]
+        # The batch goes when the second job joins it, not when a window ends (a 0.3 s window could
+        # close before the second submit on a loaded machine, each job then sent alone); the
+        # window left only bounds a second job that never comes.
+        config["batch"]["group_window_seconds"] = 60  # type: ignore[index]
+        config["batch"]["max_group_size"] = 2  # type: ignore[index]
         fake.enqueue(Script(status=500), Script(text="fine"), model="gpt-4o-mini")
         async with (
             Server(settings_from(config, live_environ(fake)), port=0) as server,
