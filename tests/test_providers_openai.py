@@ -633,6 +633,17 @@ class TestMissingUsage:
         assert finish.estimated is False
 
 
+# An error of the stream after the finish chunk, before ``[DONE]``: an error event, or a reset.
+_AN_ERROR_BEFORE_DONE = pytest.mark.parametrize(
+    "fault",
+    [
+        Script(fault=Fault.ERROR_EVENT, fault_at_end=True, error_type="server_error"),
+        Script(fault=Fault.RESET_AT_END, hang_seconds=0.05),
+    ],
+    ids=["error_event", "reset"],
+)
+
+
 class TestAfterTheFinish:
     """What follows an answer whose finish reason came: its usage, ``[DONE]``, the body's end."""
 
@@ -683,14 +694,7 @@ class TestAfterTheFinish:
         warnings = [entry["reason"] for entry in logs if entry["event"] == "provider_error_after_finish"]
         assert warnings == ["PROVIDER_UNAVAILABLE"]
 
-    @pytest.mark.parametrize(
-        "fault",
-        [
-            Script(fault=Fault.ERROR_EVENT, fault_at_end=True, error_type="server_error"),
-            Script(fault=Fault.RESET_AT_END, hang_seconds=0.05),
-        ],
-        ids=["error_event", "reset"],
-    )
+    @_AN_ERROR_BEFORE_DONE
     async def test_an_error_after_a_finish_chunk_carrying_the_usage_ends_the_answer_ok_with_it(
         self, fake: FakeProvider, provider: OpenAIProvider, fault: Script
     ) -> None:
@@ -715,14 +719,7 @@ class TestAfterTheFinish:
         assert (finish.usage.input_tokens, finish.usage.output_tokens, finish.estimated) == (11, 7, False)
         assert not [entry for entry in logs if entry["event"] == "provider_error_after_finish"]
 
-    @pytest.mark.parametrize(
-        "fault",
-        [
-            Script(fault=Fault.ERROR_EVENT, fault_at_end=True, error_type="server_error"),
-            Script(fault=Fault.RESET_AT_END, hang_seconds=0.05),
-        ],
-        ids=["error_event", "reset"],
-    )
+    @_AN_ERROR_BEFORE_DONE
     async def test_an_error_after_a_finish_chunk_carrying_zero_counts_fails_the_attempt(
         self, fake: FakeProvider, provider: OpenAIProvider, fault: Script
     ) -> None:
