@@ -2233,6 +2233,24 @@ class TestBatchAdapters:
         ]
         assert fake.batches[0].requests[0]["body"]["max_completion_tokens"] == 16
 
+    async def test_openai_tool_arguments_sent_as_an_object_come_back_as_its_json(self, fake: FakeProvider) -> None:
+        """A batch result whose call gives its ``arguments`` as an object rather than its JSON text
+        (some OpenAI-compatible servers): that object's JSON, with the model's characters, as a
+        stream returns it (it came back as the Python repr, ``{'city': '北京'}``, not JSON)."""
+        from routesvc.models import Message, Role, ToolSpec
+        from routesvc.providers.batch import BatchItem
+        from routesvc.providers.openai_batch import OpenAIBatches
+
+        arguments = '{"city": "北京"}'
+        call = FakeToolCall("get_weather", arguments)
+        fake.enqueue(Script(chunks=(), tool_calls=(call,), tool_arguments_as_objects=True), model="gpt-4o-mini")
+        api = OpenAIBatches("openai", "sk", fake.openai_base_url)
+        tools = (ToolSpec("get_weather", "", {"type": "object"}),)
+        item = BatchItem("job_1", "gpt-4o-mini", "gpt-4o-mini", (Message(Role.USER, "Weather?"),), 16, tools=tools)
+        results = await api.results(await api.poll(await api.submit([item], "tag")))
+        await api.aclose()
+        assert [(c.name, c.arguments_json) for c in results[0].tool_calls] == [("get_weather", arguments)]
+
     async def test_openai_http_errors_in_the_error_file_keep_their_status(self, fake: FakeProvider) -> None:
         """An error-file line for a request answered with an HTTP error (response set, error null,
         as the Batch API writes it): FAILED with http_<status>, not a generic "error"."""

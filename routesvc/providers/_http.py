@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import email.utils
+import json
 import math
 import re
 import time
@@ -632,6 +633,13 @@ def text_field(value: object) -> str:
     """A string field of a streamed event, read as the SDKs hand events over here (decoded JSON,
     unvalidated); anything else (missing, null, a number, an object) reads as empty."""
     return value if isinstance(value, str) else ""
+
+
+def arguments_field(value: object) -> str:
+    """A tool call's ``arguments``: JSON text, or an object some OpenAI-compatible servers send in
+    its place, written as its JSON with the model's characters (no ``\\uXXXX`` escapes); anything
+    else reads as empty."""
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else text_field(value)
 
 
 def count_field(value: object) -> int | None:

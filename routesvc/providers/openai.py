@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Literal, cast
 
@@ -67,6 +66,7 @@ from routesvc.providers._http import (
     END_OF_STREAM,
     EstimatedUsageLog,
     aiohttp_connection_failure,
+    arguments_field,
     count_field,
     describe,
     error_for_event,
@@ -318,13 +318,7 @@ def _add_tool_calls(parts: ToolCallParts, pieces: object) -> str:
         # Without an index (older Ollama) the piece goes by its id: ``ToolCallParts``.
         index = count_field(piece.get("index"))
         function = object_field(piece.get("function"))
-        raw_arguments = function.get("arguments")
-        # Some OpenAI-compatible servers send the arguments as an object, not its JSON text: its
-        # JSON, with the model's characters (no ``\uXXXX`` escapes).
-        if isinstance(raw_arguments, dict):
-            arguments = json.dumps(raw_arguments, ensure_ascii=False)
-        else:
-            arguments = text_field(raw_arguments)
+        arguments = arguments_field(function.get("arguments"))
         name = text_field(function.get("name"))
         parts.add(index, call_id=text_field(piece.get("id")), name=name, arguments=arguments)
         texts.append(name + arguments)

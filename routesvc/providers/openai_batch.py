@@ -21,7 +21,7 @@ import structlog
 
 from routesvc.errors import ProviderError, ProviderRejected, ProviderUnavailable
 from routesvc.models import BatchState, FinishReason, ToolCall, Usage
-from routesvc.providers._http import describe, object_field, safe_code, safe_model
+from routesvc.providers._http import arguments_field, describe, object_field, safe_code, safe_model
 from routesvc.providers._sending import direct_to_loopback
 from routesvc.providers.batch import (
     BatchItem,
@@ -317,4 +317,5 @@ def _filename(tag: str) -> str:
 def _tool_call(call: dict[str, Any]) -> ToolCall:
     """One of a result message's ``tool_calls``."""
     function = call.get("function") or {}
-    return ToolCall(str(call.get("id") or ""), str(function.get("name") or ""), str(function.get("arguments") or ""))
+    arguments = arguments_field(function.get("arguments"))
+    return ToolCall(str(call.get("id") or ""), str(function.get("name") or ""), arguments)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any
@@ -35,7 +36,10 @@ def answer_message(script: Script, body: Any) -> dict[str, Any]:
             {
                 **({} if script.omit_tool_call_ids else {"id": call.call_id(index, "call")}),
                 "type": "function",
-                "function": {"name": call.name, "arguments": call.arguments},
+                "function": {
+                    "name": call.name,
+                    "arguments": json.loads(call.arguments) if script.tool_arguments_as_objects else call.arguments,
+                },
             }
             for index, call in enumerate(calls)
         ]

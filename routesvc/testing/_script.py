@@ -129,6 +129,9 @@ class Script:
     refusal: bool = False
     # The OpenAI format's calls come without an ``id`` (vLLM, NVIDIA NIM, LM Studio).
     omit_tool_call_ids: bool = False
+    # A whole OpenAI-format answer (non-streamed, or a batch result) gives each call's
+    # ``arguments`` as the object, not its JSON text, as some OpenAI-compatible servers do.
+    tool_arguments_as_objects: bool = False
     # The finish reason of an answer that makes tool calls (OpenAI's names, translated for
     # Anthropic); None as each API: OpenAI "stop" when ``tool_choice`` named the tool, else
     # "tool_calls"; Anthropic "tool_use".
