@@ -860,6 +860,22 @@ class TestAfterMessageStop:
         assert (text, finish.finish_reason) == ("Hello from the fake provider.", FinishReason.STOP)
         assert (finish.usage.input_tokens, finish.usage.output_tokens, finish.estimated) == (11, 7, False)
 
+    async def test_a_body_that_ends_after_message_delta_without_message_stop_ends_the_answer_ok(
+        self, fake: FakeProvider, provider: AnthropicProvider
+    ) -> None:
+        """``message_delta`` (the stop reason and the final usage) came, then the body ends cleanly
+        without ``message_stop``: the answer is whole and ends OK with the usage reported, as a
+        held body or a reset there does (it failed UNAVAILABLE "stream ended without
+        message_stop", an estimate billed). A body that ends before ``message_delta`` still fails:
+        ``test_broken_streams_are_unavailable``."""
+        fake.enqueue(Script(fault=Fault.MISSING_TERMINATOR, fault_at_end=True, input_tokens=11, output_tokens=7))
+        events = await collect(provider, make_call())
+        finish = events[-1]
+        assert isinstance(finish, ProviderFinish)
+        text = "".join(event.text for event in events if isinstance(event, TextDelta))
+        assert (text, finish.finish_reason) == ("Hello from the fake provider.", FinishReason.STOP)
+        assert (finish.usage.input_tokens, finish.usage.output_tokens, finish.estimated) == (11, 7, False)
+
     async def test_a_body_held_open_after_message_delta_ends_before_the_calls_deadline(
         self, fake: FakeProvider, provider: AnthropicProvider
     ) -> None:

@@ -108,7 +108,8 @@ from routesvc.tokens import count_text_tokens
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 
 # What ``_next_within`` returns once the answer is whole and no event came in its short wait:
-# the body is held open (``END_OF_STREAM``, its end without ``message_stop``, still fails).
+# the body is held open. It ends the answer OK, as the body's end without ``message_stop`` does
+# then (``END_OF_STREAM``); before the answer is whole, that end fails it.
 _HELD = object()
 
 _FINISH_REASONS = {
@@ -464,7 +465,8 @@ class AnthropicProvider(SdkAdapter[anthropic.AsyncAnthropic]):
                 try:
                     if whole:
                         event = await self._next_within(call, deadline, sdk_stream, DRAIN_SECONDS, none_came=_HELD)
-                        if event is _HELD:
+                        # Held open, or ended cleanly without ``message_stop``: whole, OK.
+                        if event is _HELD or event is END_OF_STREAM:
                             tally.stopped = True
                             break
                     else:
