@@ -160,11 +160,12 @@ class TestSafeCode:
         assert kept == ["", "", "", "", "server_error"]
 
     def test_a_code_that_echoes_the_prompt_is_dropped(self) -> None:
-        """An unknown code that is a whole message, however short, holds one, or has 12
-        characters of one is not copied: a server echoing the prompt into its code."""
+        """An unknown code that is a whole message, however short, holds one, is held in one, or
+        has 12 characters of one is not copied: a server echoing the prompt into its code. One
+        the messages do not hold is kept."""
         messages = ["throttled", "ok", "Look up alpha-bravo-7731 in the report"]
-        codes = ["throttled", "not_ok_at_all", "report", "ticket_alpha-bravo-7731"]
-        assert [safe_code(code, messages=messages) for code in codes] == ["", "", "report", ""]
+        codes = ["throttled", "not_ok_at_all", "report", "ticket_alpha-bravo-7731", "server_busy"]
+        assert [safe_code(code, messages=messages) for code in codes] == ["", "", "", "", "server_busy"]
 
     def test_a_code_the_adapters_read_is_kept_whatever_the_prompt_says(self) -> None:
         """Finish reasons and error codes the adapters map are kept though a message holds them,
@@ -180,12 +181,15 @@ class TestSafeCode:
         assert [safe_code(code, messages=messages) for code in codes] == codes
         assert safe_code("sk-live-1", messages=messages) == ""
 
-    def test_an_unknown_code_a_message_merely_mentions_is_kept(self) -> None:
-        """An unknown code under 12 characters found inside a longer message is no echo: kept
-        (it was dropped), as is a number of at most three digits (an HTTP status)."""
-        prompt = ["Sum 1429, 4020, 2401 and 1400.", "Say the word throttled."]
-        codes = ["429", "400", "1429", "throttled"]
-        assert [safe_code(code, messages=prompt) for code in codes] == codes
+    def test_an_unknown_code_any_message_holds_is_dropped_however_short(self) -> None:
+        """An unknown code found anywhere inside a message, however short, is dropped: it may be
+        the prompt's text echoed (a code of 11 characters inside a longer message was kept and
+        shown in the error's details). A number of at most three digits (an HTTP status) is
+        kept, and so is a code an adapter reads, whatever the messages say."""
+        prompt = ["Sum 1429, 4020, 2401 and 1400.", "my pin is Zq7-Wx9-Kp2, keep it safe", "insufficient_quota?"]
+        codes = ["429", "400", "1429", "Zq7-Wx9-Kp2", "insufficient_quota", "throttled"]
+        kept = [safe_code(code, messages=prompt) for code in codes]
+        assert kept == ["429", "400", "", "", "insufficient_quota", "throttled"]
 
 
 class TestTransportErrors:

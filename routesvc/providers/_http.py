@@ -137,12 +137,13 @@ def safe_code(value: object, *, messages: Iterable[str] = (), key: str = "") -> 
     or ``quota_exhausted`` reads: ``known_codes``) is always kept: a prompt asking about
     ``insufficient_quota`` or "the length of the Nile" must not strip the code that classifies
     the error or names the finish. So is a number of at most three digits (an HTTP status). Any
-    other code is dropped as an echo by ``safe_model``'s reasoning (``_echo``), in case a server
-    echoed the prompt or the key into its error code: when it holds a whole message (of any
-    length: a one-word prompt echoed as the code), a piece of it of ``_ECHO_PIECE`` characters is
-    found in a message, or it holds the key, is held in it, or has a piece of ``_KEY_PIECE``
-    characters of it. One that looks like a credential (``sk-...``) is dropped whatever the
-    texts."""
+    other code is dropped as an echo, in case a server echoed the prompt or the key into its
+    error code: when a message holds it, however short (a code is a display string only, so
+    nothing is lost but the string: "my pin is Zq7-Wx9-Kp2" must not come back as the code
+    ``Zq7-Wx9-Kp2``), and by ``safe_model``'s reasoning (``_echo``): when it holds a whole
+    message, a piece of it of ``_ECHO_PIECE`` characters is found in a message, or it holds the
+    key, is held in it, or has a piece of ``_KEY_PIECE`` characters of it. One that looks like a
+    credential (``sk-...``) is dropped whatever the texts."""
     if not isinstance(value, str) or not _SAFE_CODE.fullmatch(value):
         return ""
     if value.lower().startswith(_KEY_PREFIX):
@@ -150,6 +151,8 @@ def safe_code(value: object, *, messages: Iterable[str] = (), key: str = "") -> 
     if value.lower() in _KNOWN_CODES or _STATUS_CODE.fullmatch(value):
         return value
     if key and value in key:
+        return ""
+    if any(value in message for message in messages):
         return ""
     return "" if _echo(value, value, messages=messages, key=key, whole_message=1) else value
 
