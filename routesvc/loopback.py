@@ -9,14 +9,20 @@ import socket
 
 
 def is_loopback_ip(host: str) -> bool:
-    """Whether ``host`` is a loopback address (127.0.0.0/8, ``::1``, ``::ffff:127.x.y.z``)."""
+    """Whether ``host`` is an address of this host: loopback (127.0.0.0/8, ``::1``,
+    ``::ffff:127.x.y.z``, and the short or numeric IPv4 forms a resolver reads as one, ``127.1``,
+    ``2130706433``), or unspecified (``0.0.0.0``, ``::``: a connection to it reaches this host,
+    as Docker and Ollama setups name a local server)."""
     try:
-        address = ipaddress.ip_address(host)
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(host)
     except ValueError:
-        return False
+        try:
+            address = ipaddress.IPv4Address(socket.inet_aton(host))
+        except (OSError, ValueError):
+            return False
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return address.ipv4_mapped.is_loopback  # Python 3.11 calls ::ffff:127.0.0.1 not loopback
-    return address.is_loopback
+        address = address.ipv4_mapped  # Python 3.11 calls ::ffff:127.0.0.1 not loopback
+    return address.is_loopback or address.is_unspecified
 
 
 def is_loopback_host(host: str) -> bool:

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from routesvc.loopback import is_loopback_ip
 from routesvc.models import Message, ProviderEvent, ProviderFinish, Role, TextDelta
 from routesvc.providers._adapter import SdkAdapter
 from routesvc.providers.anthropic import AnthropicProvider
@@ -51,7 +52,7 @@ async def collect(provider: SdkAdapter[object], call: ProviderCall) -> list[Prov
 
 @pytest.mark.parametrize("variable", PROXY_VARIABLES)
 @pytest.mark.parametrize("kind", ["openai", "anthropic"])
-@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "0.0.0.0"])
 async def test_a_provider_on_this_host_is_called_directly_whatever_proxy_the_environment_names(
     fake: FakeProvider,
     proxy: ForwardProxy,
@@ -64,7 +65,9 @@ async def test_a_provider_on_this_host_is_called_directly_whatever_proxy_the_env
     """With ``http_proxy`` (or ``HTTP_PROXY``, ``all_proxy``) set before the provider is built, a
     call to a provider at ``http://127.0.0.1:PORT`` or ``http://localhost:PORT`` reaches it
     directly and succeeds; the proxy sees nothing (it got the prompt and the key in the clear,
-    and the call failed UNAVAILABLE when the proxy could not reach its own loopback)."""
+    and the call failed UNAVAILABLE when the proxy could not reach its own loopback). So does
+    one at the unspecified address (``0.0.0.0``, as Docker and Ollama setups name a local
+    server), which went through the proxy."""
     monkeypatch.setenv(variable, proxy.url)
     base = fake.openai_base_url if kind == "openai" else fake.anthropic_base_url
     base = base.replace("127.0.0.1", host)
@@ -78,6 +81,15 @@ async def test_a_provider_on_this_host_is_called_directly_whatever_proxy_the_env
     assert isinstance(events[-1], ProviderFinish)
     assert proxy.requests == []
     assert len(fake.requests) == 1
+
+
+def test_this_hosts_addresses_are_told_apart_from_others() -> None:
+    """The addresses a call reaches this host at, in every form a resolver reads (short and
+    numeric IPv4 forms, IPv4-mapped, unspecified), are this host's; others and names are not
+    (``0.0.0.0``, ``::`` and ``127.1`` were not, so a call to them went through the proxy)."""
+    ours = ["127.0.0.1", "127.1", "2130706433", "::1", "::ffff:127.0.0.1", "0.0.0.0", "::"]
+    others = ["10.0.0.1", "8.8.8.8", "::ffff:8.8.8.8", "2001:db8::1", "1.2.3", "example.com", ""]
+    assert [host for host in ours + others if is_loopback_ip(host)] == ours
 
 
 @pytest.mark.parametrize("kind", ["openai", "anthropic"])
