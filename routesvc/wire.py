@@ -135,7 +135,14 @@ _EMBEDDING_IPV4 = tuple(ipaddress.IPv6Network(prefix) for prefix in ("64:ff9b::/
 # Ranges no image host is in that Python 3.11's ``is_global`` calls global: RFC 8215's local-use
 # NAT64 prefix (an operator's own translator; its IPv4 address may sit at any prefix length, so
 # the whole prefix is refused) and IANA's IETF protocol assignments (192.0.0.8 and its neighbours).
-_NOT_GLOBAL = (ipaddress.IPv6Network("64:ff9b:1::/48"), ipaddress.IPv4Network("192.0.0.0/24"))
+_NOT_GLOBAL = (
+    ipaddress.IPv6Network("64:ff9b:1::/48"),
+    ipaddress.IPv6Network("3fff::/20"),  # documentation (RFC 9637), inside 2000::/3
+    ipaddress.IPv4Network("192.0.0.0/24"),
+)
+# The only IPv6 block IANA gives out as global unicast: Python 3.11 calls some of what lies
+# outside it global (fec0::/10, deprecated site-local, still routed inside some networks).
+_GLOBAL_UNICAST_V6 = ipaddress.IPv6Network("2000::/3")
 
 
 def _message(index: int, message: pb.Message, open_calls: Mapping[str, str], limits: LimitsConfig) -> Message:
@@ -328,6 +335,8 @@ def _internal_host(hostname: str) -> bool:
             address = address.sixtofour
         elif any(address in prefix for prefix in _EMBEDDING_IPV4):
             address = ipaddress.IPv4Address(address.packed[-4:])
+        if address.version == 6 and address not in _GLOBAL_UNICAST_V6:
+            return True  # fec0::/10 site-local, and every other block outside 2000::/3
     return not address.is_global or address.is_multicast or any(address in network for network in _NOT_GLOBAL)
 
 

@@ -274,6 +274,12 @@ class TestInternalImageHosts:
             "[2002:a9fe:a9fe::]",  # 6to4 of 169.254.169.254
             "[::ffff:0:7f00:1]",  # IPv4-translated 127.0.0.1
             "[::a9fe:a9fe]",  # IPv4-compatible 169.254.169.254
+            "[fec0::1]",  # site-local (deprecated), outside 2000::/3, global to Python 3.11
+            "[fec0::a9fe:a9fe]",
+            "[feff::1]",
+            "[5f00::1]",  # SRv6 SIDs
+            "[0:0:1::1]",
+            "[3fff::1]",  # documentation (RFC 9637), inside 2000::/3
         ],
     )
     async def test_non_global_ranges_pythons_tables_call_global_are_refused_at_route(
