@@ -392,6 +392,21 @@ class TestEligibility:
         )
         assert (await _route(client, prompt)).model == "claude-sonnet"
 
+    async def test_a_pinned_model_too_small_when_only_a_model_the_tenant_may_not_use_fits(self) -> None:
+        """The same prompt pinned to gpt-4o by a tenant that may use gpt-4o-mini and gpt-4o only:
+        CONTEXT_WINDOW_EXCEEDED, no hint pointing at a model it cannot use (it said "another
+        model's context window fits it", counting claude-sonnet, which its allow-list refuses)."""
+        config = default_config()
+        config["tenants"] = {"acme": {"allowed_models": ["gpt-4o-mini", "gpt-4o"]}}
+        async with Server(settings_from(config), port=0) as server, RouterClient(server.target) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await _route(client, "word " * 130_000, model="gpt-4o", tenant="acme")
+        assert (caught.value.code(), error_info(caught.value).reason) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "CONTEXT_WINDOW_EXCEEDED",
+        )
+        assert "another model" not in (caught.value.details() or "")
+
     async def test_a_pinned_model_too_small_for_a_prompt_no_model_fits_is_context_window_exceeded(
         self, client: RouterClient
     ) -> None:

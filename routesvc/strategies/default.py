@@ -60,10 +60,14 @@ def no_eligible_model(routing_input: RoutingInput) -> NoEligibleModel:
 def pinned_model_refused(routing_input: RoutingInput, model_id: str) -> NoEligibleModel:
     """The error for a request the pinned ``model_id`` cannot serve: ``no_eligible_model`` of that
     model alone, except that a context window too small for the request is NO_ELIGIBLE_MODEL, not
-    CONTEXT_WINDOW_EXCEEDED, while another catalog model's window fits it (shortening the prompt is
-    not the only way to have it served)."""
+    CONTEXT_WINDOW_EXCEEDED, while the window of another model the tenant may use fits it
+    (shortening the prompt is not the only way to have it served; a model its allow-list refuses
+    is no way)."""
     why = routing_input.eligible[model_id]
-    fits_another = any("context window" not in reason for reason in routing_input.eligible.values())
+    fits_another = any(
+        "context window" not in reason and not routing_input.allow_list.refuses(other)
+        for other, reason in routing_input.eligible.items()
+    )
     if "context window" in why and fits_another:
         return NoEligibleModel(
             f"the pinned model {model_id} cannot serve the request ({why}); another model's context window fits it"
