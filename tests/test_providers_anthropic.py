@@ -102,6 +102,15 @@ def assert_sanitized(error: ProviderError) -> None:
         assert "canary" not in text
 
 
+def assert_whole_with_the_usage_reported(events: list[ProviderEvent]) -> None:
+    """The fake's whole answer, stopped, with the usage it reported (11 in, 7 out), not estimated."""
+    finish = events[-1]
+    assert isinstance(finish, ProviderFinish)
+    text = "".join(event.text for event in events if isinstance(event, TextDelta))
+    assert (text, finish.finish_reason) == ("Hello from the fake provider.", FinishReason.STOP)
+    assert (finish.usage.input_tokens, finish.usage.output_tokens, finish.estimated) == (11, 7, False)
+
+
 async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     """Wait until ``predicate()`` holds (a generous cap: a loaded machine is only slower)."""
     async with asyncio.timeout(timeout):
@@ -833,11 +842,7 @@ class TestAfterMessageStop:
         fake.enqueue(Script(fault=fault, fault_at_end=True, input_tokens=11, output_tokens=7))
         with capture_logs() as logs:
             events = await collect(provider, make_call())
-        finish = events[-1]
-        assert isinstance(finish, ProviderFinish)
-        text = "".join(event.text for event in events if isinstance(event, TextDelta))
-        assert (text, finish.finish_reason) == ("Hello from the fake provider.", FinishReason.STOP)
-        assert (finish.usage.input_tokens, finish.usage.output_tokens, finish.estimated) == (11, 7, False)
+        assert_whole_with_the_usage_reported(events)
         warnings = [entry["reason"] for entry in logs if entry["event"] == "provider_error_after_finish"]
         assert len(warnings) == 1
         assert all("canary" not in str(entry) for entry in logs)
@@ -854,11 +859,7 @@ class TestAfterMessageStop:
         async with asyncio.timeout(5):
             events = await collect(provider, make_call())
         assert time.monotonic() - started < 2.0
-        finish = events[-1]
-        assert isinstance(finish, ProviderFinish)
-        text = "".join(event.text for event in events if isinstance(event, TextDelta))
-        assert (text, finish.finish_reason) == ("Hello from the fake provider.", FinishReason.STOP)
-        assert (finish.usage.input_tokens, finish.usage.output_tokens, finish.estimated) == (11, 7, False)
+        assert_whole_with_the_usage_reported(events)
 
     async def test_a_body_that_ends_after_message_delta_without_message_stop_ends_the_answer_ok(
         self, fake: FakeProvider, provider: AnthropicProvider
@@ -870,11 +871,7 @@ class TestAfterMessageStop:
         ``test_broken_streams_are_unavailable``."""
         fake.enqueue(Script(fault=Fault.MISSING_TERMINATOR, fault_at_end=True, input_tokens=11, output_tokens=7))
         events = await collect(provider, make_call())
-        finish = events[-1]
-        assert isinstance(finish, ProviderFinish)
-        text = "".join(event.text for event in events if isinstance(event, TextDelta))
-        assert (text, finish.finish_reason) == ("Hello from the fake provider.", FinishReason.STOP)
-        assert (finish.usage.input_tokens, finish.usage.output_tokens, finish.estimated) == (11, 7, False)
+        assert_whole_with_the_usage_reported(events)
 
     async def test_a_body_held_open_after_message_delta_ends_before_the_calls_deadline(
         self, fake: FakeProvider, provider: AnthropicProvider
