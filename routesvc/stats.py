@@ -93,11 +93,14 @@ class Percentiles:
         ordered = sorted(samples)
         if not ordered:
             return cls()
+        p50, p95, p99 = _nearest_ranks(len(ordered))
+        return cls(ordered[p50], ordered[p95], ordered[p99])
 
-        def rank(q: float) -> float:
-            return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
-        return cls(rank(0.50), rank(0.95), rank(0.99))
+def _nearest_ranks(count: int) -> tuple[int, int, int]:
+    """The indexes of p50, p95 and p99 among ``count`` ordered samples (nearest rank)."""
+    p50, p95, p99 = (max(0, math.ceil(q * count) - 1) for q in (0.50, 0.95, 0.99))
+    return p50, p95, p99
 
 
 @dataclass(frozen=True, slots=True)
@@ -533,6 +536,6 @@ def _percentiles(samples: list[float]) -> Generator[None, None, Percentiles]:
         parts.append(np.array(samples[start : start + _SAMPLES_SLICE], dtype=np.float64))
         yield
     values = np.concatenate(parts)
-    ranks = [max(0, math.ceil(q * len(values)) - 1) for q in (0.50, 0.95, 0.99)]
-    values.partition(ranks)
-    return Percentiles(float(values[ranks[0]]), float(values[ranks[1]]), float(values[ranks[2]]))
+    p50, p95, p99 = _nearest_ranks(len(values))
+    values.partition([p50, p95, p99])
+    return Percentiles(float(values[p50]), float(values[p95]), float(values[p99]))
