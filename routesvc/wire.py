@@ -132,16 +132,13 @@ _INTERNAL_NAME_SUFFIXES = (".localhost", ".internal", ".local", ".localdomain", 
 # IPv4-compatible addresses (RFC 4291, ``::`` and ``::1`` among them). IPv4-mapped addresses and
 # 6to4 (2002::/16, its IPv4 address in bits 16-47) are read by ``ipaddress`` itself.
 _EMBEDDING_IPV4 = tuple(ipaddress.IPv6Network(prefix) for prefix in ("64:ff9b::/96", "::ffff:0:0:0/96", "::/96"))
-# Ranges no image host is in that Python 3.11's ``is_global`` calls global: RFC 8215's local-use
-# NAT64 prefix (an operator's own translator; its IPv4 address may sit at any prefix length, so
-# the whole prefix is refused) and IANA's IETF protocol assignments (192.0.0.8 and its neighbours).
-_NOT_GLOBAL = (
-    ipaddress.IPv6Network("64:ff9b:1::/48"),
-    ipaddress.IPv6Network("3fff::/20"),  # documentation (RFC 9637), inside 2000::/3
-    ipaddress.IPv4Network("192.0.0.0/24"),
-)
+# Ranges no image host is in that Python 3.11's ``is_global`` calls global: IANA's IETF protocol
+# assignments (192.0.0.8 and its neighbours) and IPv6 documentation space (RFC 9637).
+_NOT_GLOBAL = (ipaddress.IPv4Network("192.0.0.0/24"), ipaddress.IPv6Network("3fff::/20"))
 # The only IPv6 block IANA gives out as global unicast: Python 3.11 calls some of what lies
-# outside it global (fec0::/10, deprecated site-local, still routed inside some networks).
+# outside it global (fec0::/10, deprecated site-local, still routed inside some networks; RFC
+# 8215's local-use NAT64 prefix 64:ff9b:1::/48, an operator's own translator whose IPv4 address
+# may sit at any prefix length, so the whole prefix is refused).
 _GLOBAL_UNICAST_V6 = ipaddress.IPv6Network("2000::/3")
 
 
